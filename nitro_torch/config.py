@@ -1,0 +1,188 @@
+"""All server/engine options in one table: built from configs/*.yaml < env NITRO_* < CLI flags.
+
+Each option lives in exactly one section dataclass; `OPTIONS` is derived from the dataclass fields so the
+CLI, the environment and the YAML file can never disagree about names, types or defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+ENV_PREFIX = "NITRO_"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    model: str = field(default="default", metadata={"help": "'default' (embedded SmolLM2-135M-Instruct), a local HF folder, a hub id in the local HF cache, or a .gguf file"})
+    served_model_name: str | None = field(default=None, metadata={"help": "name reported by /v1/models (default: derived from --model)"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "weight dtype; auto = bfloat16 on CUDA, float32 on CPU"})
+    device: Literal["auto", "cuda", "cpu"] = field(default="auto", metadata={"help": "auto = cuda when available"})
+    max_model_len: int | None = field(default=None, metadata={"help": "context window (default: the model's)"})
+    model_cache_dir: str | None = field(default=None, metadata={"help": "where converted models are kept (default: $NITRO_HOME or ~/.cache/nitro_torch)"})
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
+    kv_cache_memory: float = field(default=1.0, metadata={"help": "GiB of KV cache on CPU"})
+    gpu_memory_utilization: float = field(default=0.90, metadata={"help": "share of GPU memory for weights + activations + KV cache"})
+    num_kv_blocks: int | None = field(default=None, metadata={"help": "exact number of KV blocks (overrides the memory budget)"})
+    prefix_caching: bool = field(default=True, metadata={"help": "reuse KV blocks of identical prompt prefixes"})
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_batched_tokens: int = field(default=2048, metadata={"help": "token budget of one engine step"})
+    max_num_seqs: int = field(default=128, metadata={"help": "most requests running at once"})
+
+
+@dataclass
+class ServerConfig:
+    host: str = field(default="127.0.0.1", metadata={"help": "bind address; 0.0.0.0 serves the LAN"})
+    port: int = field(default=3928, metadata={"help": "TCP port (Nitro's default)"})
+    log_level: Literal["debug", "info", "warning", "error"] = field(default="info", metadata={"help": "log verbosity"})
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    def validate(self) -> None:
+        if self.cache.block_size < 1 or self.cache.block_size & (self.cache.block_size - 1):
+            raise ConfigError("block_size must be a power of two")
+        if not 0.05 <= self.cache.gpu_memory_utilization <= 1.0:
+            raise ConfigError("gpu_memory_utilization must be in [0.05, 1]")
+        if self.cache.kv_cache_memory <= 0:
+            raise ConfigError("kv_cache_memory must be positive")
+        if self.scheduler.max_num_seqs < 1 or self.scheduler.max_num_batched_tokens < 1:
+            raise ConfigError("max_num_seqs and max_num_batched_tokens must be positive")
+        if not 0 < self.server.port < 65536:
+            raise ConfigError("port must be in 1..65535")
+
+
+@dataclass(frozen=True)
+class Option:
+    section: str
+    name: str
+    type: Any
+    default: Any
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    def parse(self, raw: Any) -> Any:
+        """Coerce a YAML/env/CLI value to the option's type."""
+        base, optional = _unwrap(self.type)
+        if raw is None or (optional and isinstance(raw, str) and raw.lower() in ("", "none", "null")):
+            if optional:
+                return None
+            raise ConfigError(f"{self.name} may not be empty")
+        try:
+            if base is bool:
+                if isinstance(raw, bool):
+                    return raw
+                text = str(raw).strip().lower()
+                if text in ("1", "true", "yes", "on"):
+                    return True
+                if text in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(raw)
+            if get_origin(base) is Literal:
+                if str(raw) not in get_args(base):
+                    raise ValueError(raw)
+                return str(raw)
+            return base(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"invalid value for {self.name}: {raw!r}") from None
+
+
+def _unwrap(tp: Any) -> tuple[Any, bool]:
+    args = get_args(tp)
+    if args and type(None) in args and get_origin(tp) is not Literal:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def _collect_options() -> dict[str, Option]:
+    options: dict[str, Option] = {}
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory  # type: ignore[misc]
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            options[f.name] = Option(section.name, f.name, hints[f.name], f.default, f.metadata.get("help", ""))
+    return options
+
+
+OPTIONS: dict[str, Option] = _collect_options()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file of options (keys as below, with - or _)")
+    for opt in OPTIONS.values():
+        base, _ = _unwrap(opt.type)
+        default_text = f" [default: {opt.default}; env {opt.env}]"
+        if base is bool:
+            parser.add_argument(opt.flag, dest=opt.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=opt.help + default_text)
+        else:
+            choices = list(get_args(base)) if get_origin(base) is Literal else None
+            parser.add_argument(opt.flag, dest=opt.name, default=None, choices=choices,
+                                help=opt.help + default_text)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option names to values")
+    values: dict[str, Any] = {}
+    for key, raw in data.items():
+        name = str(key).replace("-", "_")
+        if name not in OPTIONS:
+            raise ConfigError(f"{path}: unknown option '{key}'")
+        values[name] = raw
+    return values
+
+
+def build_config(
+    cli: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    config_file: str | Path | None = None,
+) -> Config:
+    """Precedence: defaults < config file < environment (NITRO_*) < explicit CLI values."""
+    env = dict(os.environ) if env is None else env
+    merged: dict[str, Any] = {}
+    if config_file:
+        merged.update(load_yaml(config_file))
+    for name, opt in OPTIONS.items():
+        if opt.env in env:
+            merged[name] = env[opt.env]
+    for name, raw in (cli or {}).items():
+        if raw is not None and name in OPTIONS:
+            merged[name] = raw
+    config = Config()
+    for name, raw in merged.items():
+        opt = OPTIONS[name]
+        setattr(getattr(config, opt.section), name, opt.parse(raw))
+    config.validate()
+    return config

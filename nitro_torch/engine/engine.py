@@ -1,0 +1,193 @@
+"""LLMEngine: one synchronous step = schedule -> forward -> sample -> update -> detokenize."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from nitro_torch.config import Config
+from nitro_torch.engine.block_manager import BlockManager
+from nitro_torch.engine.detokenizer import IncrementalDetokenizer
+from nitro_torch.engine.outputs import FinishReason, RequestOutput, TokenLogprob
+from nitro_torch.engine.request import Request
+from nitro_torch.engine.scheduler import Scheduler
+from nitro_torch.models.loader import LoadedModel, load_model
+from nitro_torch.runner.attention import register_paged_attention
+from nitro_torch.runner.kv_cache import GIB, KVCache, KVLayout
+from nitro_torch.runner.model_runner import ModelRunner
+from nitro_torch.runner.sampler import Sampler
+from nitro_torch.sampling import SamplingParams
+
+logger = logging.getLogger("nitro_torch.engine")
+
+
+class ContextLengthExceeded(ValueError):
+    """Prompt plus requested completion do not fit in the model's context window."""
+
+
+@dataclass
+class _Tracked:
+    request: Request
+    detokenizer: IncrementalDetokenizer
+
+
+class LLMEngine:
+    def __init__(self, loaded: LoadedModel, config: Config) -> None:
+        self.loaded = loaded
+        self.config = config
+        self.tokenizer = loaded.tokenizer
+        self.model_name = loaded.name
+        self.device = loaded.device
+        layout = KVLayout.from_model_config(loaded.model.config, config.cache.block_size, loaded.dtype)
+        num_blocks = self._num_kv_blocks(layout)
+        self.kv_cache = KVCache(layout, num_blocks, self.device)
+        self.max_model_len = min(loaded.max_model_len, self.kv_cache.capacity_tokens)
+        if self.max_model_len < loaded.max_model_len:
+            logger.warning("context window limited to %d tokens by the KV cache size", self.max_model_len)
+        self.block_manager = BlockManager(num_blocks, layout.block_size, config.cache.prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager, config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs
+        )
+        self.runner = ModelRunner(loaded.model, self.kv_cache, self.device)
+        self.sampler = Sampler(self.device)
+        self._tracked: dict[str, _Tracked] = {}
+        logger.info(
+            "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB)",
+            num_blocks, layout.block_size, self.kv_cache.capacity_tokens,
+            num_blocks * layout.bytes_per_block / GIB,
+        )
+
+    @classmethod
+    def from_config(cls, config: Config) -> "LLMEngine":
+        impl = register_paged_attention()
+        return cls(load_model(config.model, attn_implementation=impl), config)
+
+    def _num_kv_blocks(self, layout: KVLayout) -> int:
+        cache = self.config.cache
+        if cache.num_kv_blocks:
+            return cache.num_kv_blocks
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            reserve = total * (1.0 - cache.gpu_memory_utilization)
+            activation_guess = 2 * GIB
+            budget = int(free - reserve - activation_guess)
+        else:
+            budget = int(cache.kv_cache_memory * GIB)
+        blocks = layout.blocks_for_bytes(budget)
+        if blocks < 1:
+            raise RuntimeError("no memory left for the KV cache; lower the model size or raise the budget")
+        return blocks
+
+    # requests -------------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        if request_id in self._tracked:
+            raise ValueError(f"duplicate request id {request_id}")
+        check_context_length(len(prompt_token_ids), params.max_tokens, self.max_model_len)
+        limit = self.max_model_len
+        if params.max_tokens is not None:
+            limit = min(limit, len(prompt_token_ids) + params.max_tokens)
+        request = Request(
+            request_id, list(prompt_token_ids), params,
+            eos_token_ids=self.loaded.eos_token_ids, max_total_tokens=limit,
+        )
+        self.scheduler.add(request)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params)
+        self._tracked[request_id] = _Tracked(request, detokenizer)
+        return request
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is None:
+            return None
+        self.scheduler.finish(tracked.request, FinishReason.ABORT)
+        self.sampler.release(request_id)
+        return self._output(tracked.request, "", [], None)
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work
+
+    # the step -------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        logits, sampling_requests = self.runner.execute(plan)
+        sampled = self.sampler.sample(logits, sampling_requests) if sampling_requests else []
+        self.scheduler.update(plan, {r.request_id: s.token_id for r, s in zip(sampling_requests, sampled)})
+        outputs = []
+        for request, token in zip(sampling_requests, sampled):
+            tracked = self._tracked.get(request.request_id)
+            if tracked is None:
+                continue
+            detokenizer = tracked.detokenizer
+            text = detokenizer.add(token.token_id)
+            if detokenizer.stopped:
+                self.scheduler.finish(request, FinishReason.STOP)
+                request.finish_reason = FinishReason.STOP  # a stop string wins over a length limit hit at once
+            elif request.is_finished:
+                text += detokenizer.finish()
+            logprobs = [token.logprob] if token.logprob is not None else None
+            outputs.append(self._output(request, text, [token.token_id], logprobs))
+            if request.is_finished:
+                del self._tracked[request.request_id]
+                self.sampler.release(request.request_id)
+        return outputs
+
+    def _output(self, request: Request, text: str, token_ids: list[int],
+                logprobs: list[TokenLogprob] | None) -> RequestOutput:
+        return RequestOutput(
+            request_id=request.request_id,
+            new_text=text,
+            new_token_ids=token_ids,
+            finished=request.is_finished,
+            finish_reason=request.finish_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=request.num_output_tokens,
+            num_cached_tokens=request.num_cached_tokens,
+            logprobs=logprobs,
+        )
+
+    # offline use ----------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams] | SamplingParams) -> list[list[int]]:
+        """Run prompts to completion in one continuous batch; returns the generated token ids per prompt."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        ids = [f"offline-{uuid.uuid4().hex}" for _ in prompts]
+        requests = [self.add_request(i, p, sp) for i, p, sp in zip(ids, prompts, params)]
+        while self.has_unfinished_requests:
+            self.step()
+        return [r.output_token_ids for r in requests]
+
+    def stats(self) -> dict[str, int | float]:
+        bm, sched = self.block_manager, self.scheduler
+        return {
+            "num_running": len(sched.running),
+            "num_waiting": len(sched.waiting),
+            "kv_blocks_total": bm.num_blocks,
+            "kv_blocks_used": bm.num_used_blocks,
+            "prefix_cache_query_tokens": bm.stats.prefix_query_tokens,
+            "prefix_cache_hit_tokens": bm.stats.prefix_hit_tokens,
+            "num_preemptions": sched.stats.num_preemptions,
+            "num_steps": sched.stats.num_steps,
+        }
+
+
+def check_context_length(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
+    if num_prompt_tokens >= max_model_len:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
+            f"{num_prompt_tokens} tokens, which leaves no room for a completion."
+        )
+    if max_tokens is not None and num_prompt_tokens + max_tokens > max_model_len:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the messages, {max_tokens} in "
+            "the completion). Please reduce the length of the messages or completion."
+        )

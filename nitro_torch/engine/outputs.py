@@ -1,0 +1,34 @@
+"""What the engine hands back per request per step: a delta, never the whole text again."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+    """The most likely alternatives at this position, best first (token id, logprob)."""
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_text: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    """One entry per token of `new_token_ids` when the request asked for logprobs."""

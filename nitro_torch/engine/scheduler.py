@@ -1,0 +1,169 @@
+"""One engine step = how many tokens each request computes, under a token budget. No tensors.
+
+Running requests are served first (decodes, then unfinished prefills), then waiting requests in arrival
+order; a prompt longer than the remaining budget is prefilled in chunks over several steps. When the KV
+pool runs dry the most recently admitted running request is preempted: its blocks are freed and it goes
+back to the front of the queue to be recomputed (its cached full blocks usually make that cheap).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from nitro_torch.engine.block_manager import BlockManager
+from nitro_torch.engine.outputs import FinishReason
+from nitro_torch.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_tokens: int
+    start_position: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the request's last known token, so a new token is sampled."""
+        return self.start_position + self.num_tokens == self.request.num_tokens
+
+
+@dataclass
+class StepPlan:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class SchedulerStats:
+    num_preemptions: int = 0
+    num_steps: int = 0
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+        self.block_manager = block_manager
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.stats = SchedulerStats()
+
+    def add(self, request: Request) -> None:
+        if self.block_manager.blocks_needed(request.max_total_tokens) > self.block_manager.num_blocks:
+            raise ValueError(
+                f"request {request.request_id} needs {request.max_total_tokens} tokens of KV cache, "
+                f"more than the whole cache holds ({self.block_manager.num_blocks * self.block_manager.block_size})"
+            )
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        budget = self.max_num_batched_tokens
+        decodes_first = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
+        for request in decodes_first:
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this step
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._make_room(request, num_new, plan):
+                continue
+            plan.scheduled.append(ScheduledRequest(request, num_new, request.num_computed_tokens))
+            budget -= num_new
+        if not plan.preempted:
+            budget = self._admit_waiting(plan, budget)
+        self.stats.num_steps += 1
+        return plan
+
+    def _make_room(self, request: Request, num_new: int, plan: StepPlan) -> bool:
+        """Allocate blocks for `request`, preempting newer requests if needed; False if it was preempted itself."""
+        while not self.block_manager.can_allocate(request, num_new):
+            victim = self.running[-1]
+            self._preempt(victim, plan)
+            if victim is request:
+                return False
+        self.block_manager.allocate(request, num_new)
+        return True
+
+    def _admit_waiting(self, plan: StepPlan, budget: int) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            hit = self.block_manager.find_prefix_hit(request)
+            num_new = min(request.num_tokens - hit.num_tokens, budget)
+            if not self.block_manager.can_allocate(request, num_new, hit):
+                break
+            self.waiting.popleft()
+            self.block_manager.record_prefix_lookup(request, hit)
+            self.block_manager.allocate(request, num_new, hit)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            plan.scheduled.append(ScheduledRequest(request, num_new, request.num_computed_tokens))
+            budget -= num_new
+        return budget
+
+    def _preempt(self, request: Request, plan: StepPlan) -> None:
+        self.running.remove(request)
+        self.block_manager.free(request)
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        self.waiting.appendleft(request)
+        plan.preempted.append(request)
+        plan.scheduled = [s for s in plan.scheduled if s.request is not request]
+
+    def update(self, plan: StepPlan, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed counts, append sampled tokens, apply token-level stop rules; return finished requests."""
+        finished: list[Request] = []
+        for item in plan.scheduled:
+            request = item.request
+            if request.status is not RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += item.num_tokens
+            self.block_manager.cache_full_blocks(request)
+            token = sampled.get(request.request_id)
+            if token is None:
+                continue
+            request.output_token_ids.append(token)
+            reason = self._stop_reason(request, token)
+            if reason is not None:
+                self.finish(request, reason)
+                finished.append(request)
+        return finished
+
+    def finish(self, request: Request, reason: FinishReason) -> None:
+        """End a request (stop rule, stop string, abort) and free its blocks at once."""
+        if request.is_finished:
+            return
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.block_manager.free(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+
+    @staticmethod
+    def _stop_reason(request: Request, token: int) -> FinishReason | None:
+        params = request.params
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token in request.eos_token_ids:
+                return FinishReason.STOP
+            if token in params.stop_token_ids:
+                return FinishReason.STOP
+        if request.num_tokens >= request.max_total_tokens:
+            return FinishReason.LENGTH
+        return None

@@ -1,0 +1,192 @@
+"""Resolve --model to a local HF folder and load model + tokenizer onto the chosen device.
+
+Serving never downloads: a hub id must already be in the local Hugging Face cache, and .gguf files (including
+the embedded default model) are converted once into safetensors folders (see embedded.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from nitro_torch.config import ConfigError, ModelConfig
+from nitro_torch.models.embedded import DEFAULT_MODEL_NAME, embedded_gguf_path, ensure_converted, report_progress
+
+logger = logging.getLogger("nitro_torch.models")
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Tokenizers without a known limit report a huge placeholder (int(1e30)); anything above this is not a real limit.
+_SANE_TOKENIZER_LIMIT = 10_000_000
+_FALLBACK_MAX_MODEL_LEN = 2048
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel  # eval(), on device, requires_grad off
+    tokenizer: PreTrainedTokenizerBase
+    name: str  # served model name
+    source_path: str  # the HF folder actually loaded
+    device: torch.device
+    dtype: torch.dtype
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but no CUDA device is available (use --device cpu or auto)")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bfloat16 on CUDA (float16 where bf16 is unsupported), float32 on CPU."""
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def hf_hub_cache_dir() -> Path:
+    """Read at call time: huggingface_hub freezes its constants at import, which would ignore later env changes."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg_cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg_cache).expanduser() / "huggingface" / "hub"
+
+
+def resolve_model_source(model: str, cache_dir: str | None = None) -> tuple[str, str]:
+    """-> (local HF folder, display name) for 'default', a .gguf file, a local folder, or a cached hub id."""
+    if model == "default":
+        try:
+            gguf_path = embedded_gguf_path()
+        except FileNotFoundError as error:
+            raise ModelNotFoundError(str(error)) from None
+        return str(ensure_converted(gguf_path, cache_dir)), DEFAULT_MODEL_NAME
+
+    as_path = Path(model).expanduser()
+    if model.lower().endswith(".gguf"):
+        if not as_path.is_file():
+            raise ModelNotFoundError(f"GGUF file not found: {as_path}")
+        return str(ensure_converted(as_path, cache_dir)), as_path.stem
+    if as_path.is_dir():
+        _require_config_json(as_path, model)
+        return str(as_path.resolve()), as_path.resolve().name
+    if as_path.exists() or _looks_like_path(model):
+        raise ModelNotFoundError(
+            f"model {model!r} is neither a folder with config.json, a .gguf file, nor a hub id (no such folder: {as_path})"
+        )
+    return _resolve_cached_hub_id(model), model
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~", ".\\")) or model.count("/") > 1 or "\\" in model
+
+
+def _require_config_json(folder: Path, model: str) -> None:
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(f"{model!r} is not a Hugging Face model folder: {folder / 'config.json'} is missing")
+
+
+def _resolve_cached_hub_id(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    hub_cache = hf_hub_cache_dir()
+    try:
+        folder = snapshot_download(repo_id, cache_dir=hub_cache, local_files_only=True)
+    except Exception as error:  # LocalEntryNotFoundError, HFValidationError, OfflineModeIsEnabled, ...
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is not in the local Hugging Face cache at {hub_cache}, and nitro_torch does not "
+            "download models (the hub is not reached: offline / local files only). To fix: on a machine with "
+            f"internet run `hf download {repo_id}` and copy its cache folder here (or set HF_HOME / HF_HUB_CACHE to "
+            "where it is), or pass a local model folder or .gguf file with --model. "
+            f"({type(error).__name__}: {error})"
+        ) from None
+    _require_config_json(Path(folder), repo_id)
+    return str(folder)
+
+
+def load_tokenizer(model: str = "default", cache_dir: str | None = None) -> PreTrainedTokenizerBase:
+    path, _ = resolve_model_source(model, cache_dir)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def load_model(config: ModelConfig, attn_implementation: str | None = None) -> LoadedModel:
+    path, derived_name = resolve_model_source(config.model, config.model_cache_dir)
+    name = config.served_model_name or derived_name
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+
+    report_progress(f"loading {name} ({_dtype_name(dtype)}, {device}) from {path} ...")
+    started = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    # Quantized loading (bitsandbytes / torchao) will plug in here as quantization_config=...; not supported yet.
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation, device_map=None, local_files_only=True
+    )
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    report_progress(f"loaded {name} in {time.monotonic() - started:.1f} s")
+    if not has_chat_template(tokenizer):
+        logger.warning("%s has no chat template; chat requests will need one", name)
+
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        source_path=path,
+        device=device,
+        dtype=dtype,
+        max_model_len=_max_model_len(config.max_model_len, model, tokenizer),
+        eos_token_ids=_eos_token_ids(model, tokenizer),
+    )
+
+
+def _max_model_len(requested: int | None, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    model_limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if not model_limit:
+        tokenizer_limit = getattr(tokenizer, "model_max_length", None)
+        if tokenizer_limit and tokenizer_limit < _SANE_TOKENIZER_LIMIT:
+            model_limit = int(tokenizer_limit)
+    if requested is None:
+        return int(model_limit or _FALLBACK_MAX_MODEL_LEN)
+    if requested < 1:
+        raise ConfigError(f"max_model_len must be positive, got {requested}")
+    if model_limit and requested > model_limit:
+        raise ConfigError(f"max_model_len {requested} exceeds the model's context window of {model_limit} tokens")
+    return requested
+
+
+def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    generation_config = getattr(model, "generation_config", None)
+    configured = getattr(generation_config, "eos_token_id", None)
+    ids = set(configured if isinstance(configured, (list, tuple)) else [configured])
+    ids.add(tokenizer.eos_token_id)
+    return frozenset(int(token_id) for token_id in ids if token_id is not None)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

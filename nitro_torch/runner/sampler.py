@@ -1,0 +1,199 @@
+"""Batched next-token sampling on the device with a single device->host transfer per step.
+
+Order per row (vLLM/OpenAI semantics): penalties, min_tokens masking, then either argmax (greedy)
+or temperature, top-k, top-p, min-p and a draw. Logprobs always describe the raw model logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from nitro_torch.engine.outputs import TokenLogprob
+from nitro_torch.engine.request import Request
+
+_TOP_P_DISABLED = 2.0
+"""Above any cumulative probability, so float rounding in cumsum can never filter a token."""
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    token_id: int
+    logprob: TokenLogprob | None
+    """None unless the request asked for logprobs."""
+
+
+class Sampler:
+    def __init__(self, device: torch.device) -> None:
+        self._device = torch.device(device)
+        self._shared_generator = torch.Generator(device=self._device)
+        self._shared_generator.seed()
+        self._seeded_generators: dict[str, torch.Generator] = {}
+
+    def release(self, request_id: str) -> None:
+        self._seeded_generators.pop(request_id, None)
+
+    def sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> list[SampledToken]:
+        if len(requests) != logits.shape[0]:
+            raise ValueError(f"{logits.shape[0]} logit rows for {len(requests)} requests")
+        if all(_is_plain_greedy(r) for r in requests):
+            return [SampledToken(t, None) for t in logits.argmax(dim=-1).tolist()]
+
+        scores = logits.to(torch.float32, copy=True)
+        apply_penalties(scores, requests)
+        mask_stops_before_min_tokens(scores, requests)
+        token_ids = scores.argmax(dim=-1)
+        if not all(r.params.greedy for r in requests):
+            drawn = self._draw(filter_for_sampling(scores, requests), requests)
+            is_greedy = torch.tensor([r.params.greedy for r in requests], device=scores.device)
+            token_ids = torch.where(is_greedy, token_ids, drawn)
+
+        top_n = max((r.params.logprobs for r in requests if r.params.logprobs is not None), default=None)
+        if top_n is None:
+            return [SampledToken(t, None) for t in token_ids.tolist()]
+        return _with_logprobs(logits, token_ids, requests, top_n)
+
+    def _draw(self, scores: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+        """Exponential-race sampling: argmax(p / q), q ~ Exp(1), draws each row from p.
+
+        A seeded row gets its noise only from its own generator, so its tokens do not depend on
+        which other requests share the batch.
+        """
+        probs = scores.softmax(dim=-1)
+        noise = torch.empty_like(probs)
+        if any(r.params.seed is None for r in requests):
+            noise.exponential_(generator=self._shared_generator)
+        for row, request in enumerate(requests):
+            if request.params.seed is not None:
+                noise[row].exponential_(generator=self._generator_for(request))
+        return (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+
+    def _generator_for(self, request: Request) -> torch.Generator:
+        generator = self._seeded_generators.get(request.request_id)
+        if generator is None:
+            generator = torch.Generator(device=self._device)
+            generator.manual_seed(request.params.seed)
+            self._seeded_generators[request.request_id] = generator
+        return generator
+
+
+def apply_penalties(scores: torch.Tensor, requests: Sequence[Request]) -> None:
+    """In place: repetition (prompt + output), then frequency and presence (output only)."""
+    rows = [i for i, r in enumerate(requests) if r.params.needs_penalties]
+    if not rows:
+        return
+    penalised = [requests[i] for i in rows]
+    row_index = torch.tensor(rows, device=scores.device)
+    sub = scores.index_select(0, row_index)
+    vocab_size = sub.shape[1]
+
+    if any(r.params.repetition_penalty != 1.0 for r in penalised):
+        seen = _token_counts([r.all_token_ids for r in penalised], vocab_size, sub.device) > 0
+        penalty = _column([r.params.repetition_penalty for r in penalised], sub.device)
+        sub = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
+
+    if any(r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0 for r in penalised):
+        counts = _token_counts([r.output_token_ids for r in penalised], vocab_size, sub.device)
+        frequency = _column([r.params.frequency_penalty for r in penalised], sub.device)
+        presence = _column([r.params.presence_penalty for r in penalised], sub.device)
+        sub = sub - frequency * counts - presence * (counts > 0).float()
+
+    scores.index_copy_(0, row_index, sub)
+
+
+def mask_stops_before_min_tokens(scores: torch.Tensor, requests: Sequence[Request]) -> None:
+    """In place: a request that has not reached min_tokens may not pick a token that ends it."""
+    vocab_size = scores.shape[1]
+    rows: list[int] = []
+    columns: list[int] = []
+    for row, request in enumerate(requests):
+        params = request.params
+        if len(request.output_token_ids) >= params.min_tokens:
+            continue
+        enders = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            enders |= request.eos_token_ids
+        for token_id in enders:
+            if token_id < vocab_size:
+                rows.append(row)
+                columns.append(token_id)
+    if rows:
+        index = (torch.tensor(rows, device=scores.device), torch.tensor(columns, device=scores.device))
+        scores.index_put_(index, torch.tensor(float("-inf"), device=scores.device))
+
+
+def filter_for_sampling(scores: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p; filtered tokens get -inf. Greedy rows pass through."""
+    params = [r.params for r in requests]
+    device = scores.device
+    scores = scores / _column([1.0 if p.greedy else p.temperature for p in params], device)
+
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in params if not p.greedy):
+        vocab_size = scores.shape[1]
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        top_k = _column([p.top_k if p.top_k > 0 else vocab_size for p in params], device)
+        ranks = torch.arange(vocab_size, device=device)
+        sorted_scores.masked_fill_(ranks >= top_k, float("-inf"))
+        top_p = _column([p.top_p if p.top_p < 1.0 else _TOP_P_DISABLED for p in params], device)
+        probs = sorted_scores.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        sorted_scores.masked_fill_(mass_before >= top_p, float("-inf"))
+        scores = torch.empty_like(scores).scatter_(1, order, sorted_scores)
+
+    if any(p.min_p > 0.0 for p in params if not p.greedy):
+        # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p); the max token always survives.
+        log_min_p = _column([p.min_p for p in params], device).log()
+        threshold = scores.max(dim=-1, keepdim=True).values + log_min_p
+        scores = scores.masked_fill(scores < threshold, float("-inf"))
+    return scores
+
+
+def _with_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, requests: Sequence[Request], top_n: int
+) -> list[SampledToken]:
+    logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
+    chosen = logprobs.gather(1, token_ids[:, None])
+    top_values, top_ids = logprobs.topk(top_n, dim=-1)
+    # float64 holds every token id exactly, so ids and logprobs share the one transfer.
+    packed = torch.cat(
+        [token_ids[:, None].double(), chosen.double(), top_ids.double(), top_values.double()], dim=1
+    ).tolist()
+
+    sampled = []
+    for request, row in zip(requests, packed):
+        token_id = int(row[0])
+        wanted = request.params.logprobs
+        if wanted is None:
+            sampled.append(SampledToken(token_id, None))
+            continue
+        ids, values = row[2 : 2 + top_n], row[2 + top_n :]
+        top = [(int(ids[i]), values[i]) for i in range(wanted)]
+        sampled.append(SampledToken(token_id, TokenLogprob(token_id, row[1], top)))
+    return sampled
+
+
+def _is_plain_greedy(request: Request) -> bool:
+    params = request.params
+    return (
+        params.greedy
+        and not params.needs_penalties
+        and params.logprobs is None
+        and len(request.output_token_ids) >= params.min_tokens
+    )
+
+
+def _token_counts(token_lists: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[len(token_lists), vocab_size] occurrence counts, built with one scatter_add."""
+    width = max(1, max(len(tokens) for tokens in token_lists))
+    padding = vocab_size  # counted in an extra column that is dropped
+    padded = [tokens + [padding] * (width - len(tokens)) for tokens in token_lists]
+    index = torch.tensor(padded, device=device)
+    counts = torch.zeros(len(token_lists), vocab_size + 1, device=device)
+    counts.scatter_add_(1, index, torch.ones_like(index, dtype=counts.dtype))
+    return counts[:, :vocab_size]
+
+
+def _column(values: list[float] | list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
