@@ -72,22 +72,25 @@ def paged_decode_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """One query token per request [R, H, D] against its cached context; GQA without repeating K/V."""
+    """One query token per request [R, H, D] against its cached context; GQA without repeating K/V.
+
+    The query heads of one KV head form the "sequence" axis of a non-causal SDPA call, so the grouped
+    queries share one read of their K/V and no repeat_interleave copy is made.
+    """
     num_reqs, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
-    keys = k_cache[block_tables].flatten(1, 2)  # [R, L, KV, D]
-    values = v_cache[block_tables].flatten(1, 2)
+    keys = k_cache[block_tables].flatten(1, 2).transpose(1, 2)  # [R, KV, L, D]
+    values = v_cache[block_tables].flatten(1, 2).transpose(1, 2)
     grouped = query.view(num_reqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = torch.einsum("rkgd,rlkd->rkgl", grouped, keys).float() * scale
-    if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
-    positions = torch.arange(keys.shape[1], device=query.device)
+    positions = torch.arange(keys.shape[2], device=query.device)
     valid = positions[None, :] < context_lens[:, None]
     if sliding_window:
         valid &= positions[None, :] >= (context_lens[:, None] - sliding_window)
-    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    out = torch.einsum("rkgl,rlkd->rkgd", probs, values)
+    mask = valid[:, None, None, :]
+    if softcap:
+        out = _softcapped_attention(grouped, keys, values, mask, scale, softcap)
+    else:
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
     return out.reshape(num_reqs, num_heads, head_dim)
 
 
