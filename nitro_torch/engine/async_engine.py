@@ -98,8 +98,16 @@ class AsyncEngine:
         return self._thread.is_alive() and self._dead is None
 
     def shutdown(self) -> None:
+        """Stop the loop; requests still in flight end with an error instead of hanging."""
+        error = EngineError("the server is shutting down")
+        self._dead = self._dead or error
         self._commands.put(None)
         self._thread.join(timeout=30)
+        while not self._commands.empty():
+            command = self._commands.get_nowait()
+            if isinstance(command, _Add):
+                command.sink.put(error)
+        self._fail_all(error)
 
     # engine thread ---------------------------------------------------------------------------------
 
@@ -114,9 +122,12 @@ class AsyncEngine:
         except BaseException as exc:  # the loop itself broke: fail everyone rather than hang them
             logger.exception("engine loop died")
             self._dead = exc
-            for sink in self._sinks.values():
-                sink.put(EngineError("the engine stopped unexpectedly"))
-            self._sinks.clear()
+            self._fail_all(EngineError("the engine stopped unexpectedly"))
+
+    def _fail_all(self, error: EngineError) -> None:
+        for sink in list(self._sinks.values()):
+            sink.put(error)
+        self._sinks.clear()
 
     def _apply_commands(self, block: bool) -> bool:
         """Drain pending commands (waiting for one when idle); False on shutdown."""

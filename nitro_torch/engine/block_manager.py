@@ -83,7 +83,8 @@ class BlockManager:
 
     def can_allocate(self, request: Request, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
         hit_blocks = hit.block_ids if hit else []
-        total = self.blocks_needed(request.num_computed_tokens + num_new_tokens)
+        computed = hit.num_tokens if hit_blocks else request.num_computed_tokens
+        total = self.blocks_needed(computed + num_new_tokens)
         fresh = total - len(request.block_ids) - len(hit_blocks)
         revived = sum(1 for b in hit_blocks if self.blocks[b].ref_count == 0)
         return fresh + revived <= len(self._free)
@@ -124,6 +125,8 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self._free[block_id] = None
+                if block.key is None:  # holds nothing reusable: hand it out before any cached prefix
+                    self._free.move_to_end(block_id, last=False)
         request.block_ids = []
         request.num_computed_tokens = 0
         self._request_keys.pop(request.request_id, None)

@@ -126,7 +126,9 @@ class LLMEngine:
             if tracked is None:
                 continue
             detokenizer = tracked.detokenizer
-            text = detokenizer.add(token.token_id)
+            ended_on_stop_token = request.finish_reason is FinishReason.STOP
+            text = "" if ended_on_stop_token and not request.params.include_stop_str_in_output \
+                else detokenizer.add(token.token_id)
             if detokenizer.stopped:
                 self.scheduler.finish(request, FinishReason.STOP)
                 request.finish_reason = FinishReason.STOP  # a stop string wins over a length limit hit at once
