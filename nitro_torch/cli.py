@@ -1,0 +1,48 @@
+"""`nitro-torch serve [options]` (later: `chat`, `bench`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from nitro_torch import __version__
+from nitro_torch.config import Config, ConfigError, add_arguments, build_config
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    options = {name: value for name, value in vars(args).items() if name not in ("command", "config", "handler")}
+    return build_config(options, config_file=args.config)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from nitro_torch.server.app import run_server
+
+    run_server(config_from_args(args))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nitro-torch", description="OpenAI-compatible LLM server on PyTorch")
+    parser.add_argument("--version", action="version", version=f"nitro-torch {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    add_arguments(serve)
+    serve.set_defaults(handler=_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        parser.exit(2, f"nitro-torch: error: {exc}\n")
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""OpenAI-style error bodies, and handlers that turn every failure into one (never a stack trace)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from nitro_torch.engine.engine import ContextLengthExceeded
+from nitro_torch.sampling import SamplingParamsError
+from nitro_torch.server.protocol import ErrorInfo, ErrorResponse
+
+logger = logging.getLogger("nitro_torch.server")
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_exceeded",
+    503: "service_unavailable",
+}
+
+
+class APIError(Exception):
+    """An error the client should see, with OpenAI's fields."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        info = ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
+        return ErrorResponse(error=info).model_dump()
+
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def invalid_json_error(exc: json.JSONDecodeError) -> APIError:
+    return APIError(
+        400,
+        f"We could not parse the JSON body of your request: {exc.msg} at line {exc.lineno} column {exc.colno} "
+        f"(char {exc.pos}). The request body must be valid JSON.",
+        code="invalid_json",
+    )
+
+
+def _dotted_path(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def validation_error(exc: ValidationError) -> APIError:
+    """The first pydantic error, with `param` set to the dotted path of the offending field."""
+    first = exc.errors(include_url=False)[0]
+    param = _dotted_path(tuple(first.get("loc", ()))) or None
+    if first.get("type") == "missing":
+        message = f"Missing required parameter: '{param}'."
+    elif param:
+        message = f"Invalid value for '{param}': {first.get('msg', 'invalid value')}."
+    else:
+        message = f"Invalid request: {first.get('msg', 'invalid value')}."
+    code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_value"
+    return APIError(400, message, param=param, code=code)
+
+
+def context_length_error(exc: ContextLengthExceeded) -> APIError:
+    return APIError(400, str(exc), param="messages", code="context_length_exceeded")
+
+
+def sampling_params_error(exc: SamplingParamsError) -> APIError:
+    return APIError(400, str(exc), param=exc.param, code="invalid_value")
+
+
+async def handle_api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return exc.response()
+
+
+async def handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ValidationError)
+    return validation_error(exc).response()
+
+
+async def handle_sampling_params_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, SamplingParamsError)
+    return sampling_params_error(exc).response()
+
+
+async def handle_context_length_exceeded(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ContextLengthExceeded)
+    return context_length_error(exc).response()
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 404:
+        error = APIError(
+            404,
+            f"Unknown request URL: {request.method} {request.url.path}. Please check the URL for typos.",
+            code="unknown_url",
+        )
+    elif exc.status_code == 405:
+        allowed = headers.get("Allow") or headers.get("allow") or ""
+        error = APIError(
+            405,
+            f"Method {request.method} is not allowed for {request.url.path}"
+            + (f"; allowed: {allowed}." if allowed else "."),
+            code="method_not_allowed",
+        )
+    else:
+        error = APIError(exc.status_code, str(exc.detail))
+    return error.response(headers=headers or None)
+
+
+async def handle_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    # The details go to the server log only: a client must never see paths or stack frames.
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return APIError(500, "The server had an error while processing your request.", type="server_error",
+                    code="internal_error").response()
+
+
+EXCEPTION_HANDLERS = {
+    APIError: handle_api_error,
+    ValidationError: handle_validation_error,
+    SamplingParamsError: handle_sampling_params_error,
+    ContextLengthExceeded: handle_context_length_exceeded,
+    HTTPException: handle_http_exception,
+    Exception: handle_unexpected_error,
+}

@@ -1,0 +1,142 @@
+"""Fixtures: the real tokenizer, the real engine on the default model (in-process app, and uvicorn in a
+thread over it), and a real server process."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from nitro_torch.config import Config, build_config
+
+from .helpers import ENGINE_OPTIONS
+
+if TYPE_CHECKING:
+    from nitro_torch.engine.async_engine import AsyncEngine
+
+LIVE_SERVER_START_TIMEOUT_S = 180.0
+LIVE_MAX_MODEL_LEN = 2048
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from nitro_torch.models.loader import load_tokenizer
+
+    return load_tokenizer("default")
+
+
+@pytest.fixture(scope="session")
+def engine_config() -> Config:
+    return build_config(ENGINE_OPTIONS, env={})
+
+
+@pytest.fixture(scope="session")
+def real_engine(engine_config) -> Iterator[AsyncEngine]:
+    """The real AsyncEngine on the default model (CPU), shared by the in-process servers of this session."""
+    from nitro_torch.engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine.from_config(engine_config)
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
+
+
+@pytest.fixture
+def client(engine_config, real_engine) -> Iterator[TestClient]:
+    from nitro_torch.server.app import create_app
+
+    with TestClient(create_app(engine_config, real_engine), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    base_url: str
+    engine: AsyncEngine | None = None
+
+    @property
+    def api_url(self) -> str:
+        return self.base_url + "/v1"
+
+
+@pytest.fixture
+def threaded_server(engine_config, real_engine) -> Iterator[RunningServer]:
+    """uvicorn in a thread over the real engine: real sockets, so client disconnects are real."""
+    import uvicorn
+
+    from nitro_torch.server.app import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine_config, real_engine), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "in-process server did not start"
+        assert thread.is_alive(), "in-process server exited"
+        time.sleep(0.02)
+    try:
+        yield RunningServer(f"http://127.0.0.1:{port}", real_engine)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def live_server() -> Iterator[RunningServer]:
+    """`nitro-torch serve` as a subprocess on the real default model."""
+    if importlib.util.find_spec("nitro_torch.engine.async_engine") is None:
+        pytest.skip("nitro_torch.engine.async_engine is not there yet")
+    port = free_port()
+    log = tempfile.NamedTemporaryFile(prefix="nitro-live-", suffix=".log", delete=False)
+    command = [sys.executable, "-m", "nitro_torch.cli", "serve", "--port", str(port), "--max-num-seqs", "32",
+               "--max-model-len", str(LIVE_MAX_MODEL_LEN), "--log-level", "warning"]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_healthy(process, base_url, Path(log.name))
+        yield RunningServer(base_url)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+        os.unlink(log.name)
+
+
+def _wait_until_healthy(process: subprocess.Popen, base_url: str, log_path: Path) -> None:
+    deadline = time.monotonic() + LIVE_SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(base_url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"server not healthy after {LIVE_SERVER_START_TIMEOUT_S:.0f} s:\n{log_path.read_text()[-4000:]}")
