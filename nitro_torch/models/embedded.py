@@ -18,7 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 logger = logging.getLogger("nitro_torch.models")
@@ -72,9 +72,14 @@ def ensure_converted(
 ) -> Path:
     """The cached HF folder for gguf_path, converting it first if this machine has not done so yet."""
     out_dir = converted_dir_for(gguf_path, cache_dir)
-    if out_dir.is_dir():
+    if is_converted(out_dir):
         return out_dir
     return convert_gguf(gguf_path, out_dir, progress=progress)
+
+
+def is_converted(folder: Path) -> bool:
+    # Folders only ever appear complete (atomic rename), so config.json marks a finished conversion.
+    return (folder / "config.json").is_file()
 
 
 def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], progress: bool = True) -> Path:
@@ -84,7 +89,7 @@ def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
     """
     source = Path(gguf_path).resolve()
     target = Path(out_dir)
-    if target.is_dir():
+    if is_converted(target):
         return target
     if not source.is_file():
         raise FileNotFoundError(f"GGUF file not found: {source}")
@@ -100,7 +105,7 @@ def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
         try:
             os.rename(temp_dir, target)
         except OSError:
-            if not target.is_dir():
+            if not is_converted(target):
                 raise
             say(f"another process finished converting {source.name} first; using its folder")
             return target
@@ -110,7 +115,7 @@ def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
     return target
 
 
-def _write_hf_folder(source: Path, folder: Path, say, show_bars: bool) -> None:
+def _write_hf_folder(source: Path, folder: Path, say: Callable[[str], None], show_bars: bool) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

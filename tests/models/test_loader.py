@@ -104,7 +104,7 @@ def test_converted_model_generates_exactly_like_the_gguf(loaded_default, gguf_re
     def greedy(model, tokenizer) -> list[int]:
         inputs = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         with torch.no_grad():
-            output = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+            output = model.generate(**inputs, max_new_tokens=16, do_sample=False)
         return output[0].tolist()
 
     expected = greedy(gguf_reference["model"].eval(), gguf_reference["tokenizer"])
@@ -197,12 +197,12 @@ def test_conversion_race_loser_uses_the_winners_folder(tmp_path, monkeypatch):
     def write_while_another_process_wins(source, folder, say, show_bars):
         (folder / "config.json").write_text("{}")
         target.mkdir()
-        (target / "winner").write_text("")
+        (target / "config.json").write_text('{"winner": true}')
 
     monkeypatch.setattr(embedded, "_write_hf_folder", write_while_another_process_wins)
     assert convert_gguf(gguf_file, target, progress=False) == target
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["tiny"]
-    assert [p.name for p in target.iterdir()] == ["winner"]
+    assert json.loads((target / "config.json").read_text()) == {"winner": True}
 
 
 def test_crashed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
