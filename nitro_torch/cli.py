@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
-    except ConfigError as exc:
+    except (ConfigError, FileNotFoundError) as exc:  # bad options, or a model that is not there
         parser.exit(2, f"nitro-torch: error: {exc}\n")
     except KeyboardInterrupt:
         return 130

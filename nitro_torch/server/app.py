@@ -75,13 +75,22 @@ def create_app(config: Config, engine: AsyncEngine | None = None) -> Starlette:
 
 
 def run_server(config: Config) -> None:
+    """Load the model first (so a bad --model fails fast with a clear message), then serve until stopped."""
     import uvicorn
 
+    from nitro_torch.engine.async_engine import AsyncEngine
+
     logging.basicConfig(level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
-        create_app(config),
-        host=config.server.host,
-        port=config.server.port,
-        log_level=config.server.log_level,
-        timeout_graceful_shutdown=5,
-    )
+    engine = AsyncEngine.from_config(config)
+    try:
+        logger.info("serving %s at http://%s:%d/v1 (context %d tokens)", engine.model_name, config.server.host,
+                    config.server.port, engine.max_model_len)
+        uvicorn.run(
+            create_app(config, engine),
+            host=config.server.host,
+            port=config.server.port,
+            log_level=config.server.log_level,
+            timeout_graceful_shutdown=5,
+        )
+    finally:
+        engine.shutdown()

@@ -35,3 +35,13 @@ def test_bad_values_exit_with_a_message(capsys):
 def test_a_command_is_required():
     with pytest.raises(SystemExit):
         main([])
+
+
+def test_a_model_that_is_not_there_exits_with_a_clear_message(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--model", "someorg/not-here", "--port", "3999"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert "someorg/not-here" in err and "not in the local Hugging Face cache" in err and "Traceback" not in err
