@@ -64,23 +64,22 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, va
 
 def paged_decode_attention(
     query: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """One query token per request [R, H, D] against its cached context; GQA without repeating K/V.
+    """One query token per request [R, H, D] against its gathered blocks [R, L, KV, D] (L >= context).
 
-    The query heads of one KV head form the "sequence" axis of a non-causal SDPA call, so the grouped
+    The query heads of one KV head form the "sequence" axis of a non-causal SDPA call, so grouped
     queries share one read of their K/V and no repeat_interleave copy is made.
     """
     num_reqs, num_heads, head_dim = query.shape
-    num_kv_heads = k_cache.shape[2]
-    keys = k_cache[block_tables].flatten(1, 2).transpose(1, 2)  # [R, KV, L, D]
-    values = v_cache[block_tables].flatten(1, 2).transpose(1, 2)
+    num_kv_heads = keys.shape[2]
+    keys = keys.transpose(1, 2)  # [R, KV, L, D]
+    values = values.transpose(1, 2)
     grouped = query.view(num_reqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     positions = torch.arange(keys.shape[2], device=query.device)
     valid = positions[None, :] < context_lens[:, None]
@@ -158,17 +157,21 @@ def paged_attention_forward(
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     if nd:
+        tables = meta.decode_block_tables
+        keys, values = meta.kv_cache.gather(layer, tables.flatten())
+        num_reqs = tables.shape[0]
         out[:nd] = paged_decode_attention(
-            q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale,
-            sliding_window, softcap,
+            q[:nd], keys.view(num_reqs, -1, *keys.shape[2:]), values.view(num_reqs, -1, *values.shape[2:]),
+            meta.decode_context_lens, scale, sliding_window, softcap,
         )
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
         if chunk.context_len == chunk.query_len:
             keys, values = k[rows], v[rows]
         else:
-            keys = k_cache[chunk.block_table].flatten(0, 1)[: chunk.context_len]
-            values = v_cache[chunk.block_table].flatten(0, 1)[: chunk.context_len]
+            keys, values = meta.kv_cache.gather(layer, chunk.block_table)
+            keys = keys.flatten(0, 1)[: chunk.context_len]
+            values = values.flatten(0, 1)[: chunk.context_len]
         out[rows] = prefill_attention(q[rows], keys, values, scale, sliding_window, softcap)
     return out.unsqueeze(0), None
 

@@ -42,6 +42,26 @@ class KVCache:
         self.num_blocks = num_blocks
         self.keys = [torch.zeros(shape, dtype=layout.dtype, device=device) for _ in range(layout.num_layers)]
         self.values = [torch.zeros(shape, dtype=layout.dtype, device=device) for _ in range(layout.num_layers)]
+        self._gather_k = torch.empty(0, dtype=layout.dtype, device=device)
+        self._gather_v = torch.empty(0, dtype=layout.dtype, device=device)
+
+    def gather(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of `block_ids` (flat) as [n, block_size, kv_heads, head_dim], copied into reused buffers.
+
+        Every layer gathers the same amount, so fresh multi-MB tensors per layer would mostly cost page
+        faults; the buffers grow to the largest step seen and are overwritten by the next gather.
+        """
+        k_cache, v_cache = self.keys[layer], self.values[layer]
+        rows = k_cache.view(self.num_blocks, -1)
+        n, width = block_ids.numel(), rows.shape[1]
+        if self._gather_k.numel() < n * width:
+            self._gather_k = torch.empty(n * width, dtype=rows.dtype, device=rows.device)
+            self._gather_v = torch.empty(n * width, dtype=rows.dtype, device=rows.device)
+        shape = (n, *k_cache.shape[1:])
+        k = torch.index_select(rows, 0, block_ids, out=self._gather_k[: n * width].view(n, width))
+        v = torch.index_select(v_cache.view(self.num_blocks, -1), 0, block_ids,
+                               out=self._gather_v[: n * width].view(n, width))
+        return k.view(shape), v.view(shape)
 
     @property
     def capacity_tokens(self) -> int:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nitro_torch.runner.attention import paged_decode_attention, prefill_attention, store_kv
+from nitro_torch.runner.kv_cache import KVCache, KVLayout
 
 
 def dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -58,7 +59,13 @@ def test_decode_matches_dense(num_heads: int, kv_heads: int, block_size: int, wi
     width = max(len(t) for t in tables)
     block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     q = torch.randn(len(lengths), num_heads, head_dim)
-    out = paged_decode_attention(q, k_cache, v_cache, block_tables, torch.tensor(lengths), 0.2, window, softcap)
+    cache = KVCache(KVLayout(1, kv_heads, head_dim, block_size, torch.float32), k_cache.shape[0], torch.device("cpu"))
+    cache.keys[0].copy_(k_cache)
+    cache.values[0].copy_(v_cache)
+    gathered_k, gathered_v = cache.gather(0, block_tables.flatten())
+    shape = (len(lengths), -1, kv_heads, head_dim)
+    out = paged_decode_attention(q, gathered_k.view(shape), gathered_v.view(shape), torch.tensor(lengths), 0.2,
+                                 window, softcap)
     for i in range(len(lengths)):
         expected = dense_reference(q[i:i + 1], keys[i], values[i], 0.2, window, softcap)
         torch.testing.assert_close(out[i:i + 1], expected, atol=1e-5, rtol=1e-4)
