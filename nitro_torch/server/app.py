@@ -28,6 +28,8 @@ async def health(request: Request) -> JSONResponse:
     engine = getattr(request.app.state, "engine", None)
     if engine is None:
         raise APIError(503, "The model is not loaded yet.", code="model_not_ready")
+    if not engine.is_alive:
+        raise APIError(503, "The inference engine has stopped.", type="server_error", code="engine_dead")
     return JSONResponse({"status": "ok", **engine.stats()})
 
 

@@ -51,3 +51,16 @@ def test_shutdown_fails_a_streaming_request(own_engine, tokenizer):
 
     with pytest.raises(EngineError):
         asyncio.run(asyncio.wait_for(after_shutdown(), timeout=5))
+
+
+def test_health_turns_503_once_the_engine_has_stopped(own_engine):
+    from starlette.testclient import TestClient
+
+    from nitro_torch.server.app import create_app
+
+    with TestClient(create_app(build_config(ENGINE_OPTIONS, env={}), own_engine)) as client:
+        assert client.get("/health").status_code == 200
+        own_engine.shutdown()
+        response = client.get("/health")
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "engine_dead"
