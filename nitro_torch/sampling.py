@@ -37,6 +37,8 @@ class SamplingParams:
     """None: no logprobs. N >= 0: the sampled token's logprob plus the N most likely alternatives."""
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """Added to the logits of these token ids before sampling (OpenAI: -100 bans, +100 forces)."""
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
@@ -73,6 +75,9 @@ class SamplingParams:
         _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty")
         _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "token ids are non-negative")
+        _check(all(t >= 0 for t in self.logit_bias), "logit_bias", "token ids are non-negative")
+        _check(all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()), "logit_bias",
+               "values must be between -100 and 100")
         _check(
             self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
             "top_logprobs",

@@ -43,6 +43,7 @@ class Sampler:
 
         scores = logits.to(torch.float32, copy=True)
         apply_penalties(scores, requests)
+        apply_logit_bias(scores, requests)
         mask_stops_before_min_tokens(scores, requests)
         token_ids = scores.argmax(dim=-1)
         if not all(r.params.greedy for r in requests):
@@ -101,6 +102,23 @@ def apply_penalties(scores: torch.Tensor, requests: Sequence[Request]) -> None:
         sub = sub - frequency * counts - presence * (counts > 0).float()
 
     scores.index_copy_(0, row_index, sub)
+
+
+def apply_logit_bias(scores: torch.Tensor, requests: Sequence[Request]) -> None:
+    """In place: add each request's logit_bias; ids beyond the logits (padding) are ignored."""
+    vocab_size = scores.shape[1]
+    rows: list[int] = []
+    columns: list[int] = []
+    values: list[float] = []
+    for row, request in enumerate(requests):
+        for token_id, bias in request.params.logit_bias.items():
+            if token_id < vocab_size:
+                rows.append(row)
+                columns.append(token_id)
+                values.append(bias)
+    if rows:
+        index = (torch.tensor(rows, device=scores.device), torch.tensor(columns, device=scores.device))
+        scores.index_put_(index, torch.tensor(values, dtype=scores.dtype, device=scores.device), accumulate=True)
 
 
 def mask_stops_before_min_tokens(scores: torch.Tensor, requests: Sequence[Request]) -> None:
@@ -179,6 +197,7 @@ def _is_plain_greedy(request: Request) -> bool:
     return (
         params.greedy
         and not params.needs_penalties
+        and not params.logit_bias
         and params.logprobs is None
         and len(request.output_token_ids) >= params.min_tokens
     )

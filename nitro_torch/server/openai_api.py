@@ -16,7 +16,7 @@ from starlette.routing import Route
 from starlette.types import Receive
 
 from nitro_torch.engine.engine import ContextLengthExceeded, check_context_length
-from nitro_torch.sampling import SamplingParamsError
+from nitro_torch.sampling import SamplingParams, SamplingParamsError
 from nitro_torch.server.chat_template import prompt_token_ids
 from nitro_torch.server.completion import Completion
 from nitro_torch.server.errors import (
@@ -73,6 +73,14 @@ async def parse_chat_request(request: Request) -> ChatCompletionRequest:
         raise validation_error(exc) from None
 
 
+def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
+    for param, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+        unknown = [t for t in ids if t >= vocab_size]
+        if unknown:
+            raise SamplingParamsError(param, f"'{param}' names token id {unknown[0]}, but the vocabulary has "
+                                             f"{vocab_size} tokens")
+
+
 def check_fits_context(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
     try:
         check_context_length(num_prompt_tokens, max_tokens, max_model_len)
@@ -109,6 +117,7 @@ async def chat_completions(request: Request) -> Response:
     body = await parse_chat_request(request)
     try:
         params = body.to_sampling_params()
+        check_token_ids(params, len(engine.tokenizer))
     except SamplingParamsError as exc:
         raise sampling_params_error(exc) from None
     prompt_ids = prompt_token_ids(engine.tokenizer, body.messages)

@@ -60,6 +60,7 @@ class ChatCompletionRequest(_Lenient):
     repetition_penalty: float | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    logit_bias: dict[str, float] | None = None
     ignore_eos: bool | None = False
     min_tokens: int | None = 0
     logprobs: bool | None = False
@@ -100,6 +101,16 @@ class ChatCompletionRequest(_Lenient):
         if self.top_logprobs and not self.logprobs:
             raise SamplingParamsError("top_logprobs", "'top_logprobs' requires 'logprobs' to be true")
 
+    def token_biases(self) -> dict[int, float]:
+        """OpenAI sends token ids as JSON object keys, i.e. strings."""
+        biases: dict[int, float] = {}
+        for key, bias in (self.logit_bias or {}).items():
+            try:
+                biases[int(key)] = float(bias)
+            except ValueError:
+                raise SamplingParamsError("logit_bias", f"'logit_bias' keys must be token ids, not {key!r}") from None
+        return biases
+
     def to_sampling_params(self) -> SamplingParams:
         self.check_supported()
         max_tokens_param, max_tokens = self.requested_max_tokens
@@ -122,6 +133,7 @@ class ChatCompletionRequest(_Lenient):
                 logprobs=_or(self.top_logprobs, 0) if self.logprobs else None,
                 include_stop_str_in_output=bool(self.include_stop_str_in_output),
                 skip_special_tokens=_or(self.skip_special_tokens, True),
+                logit_bias=self.token_biases(),
             )
         except SamplingParamsError as exc:
             if exc.param == "max_tokens" and max_tokens_param != "max_tokens":

@@ -216,3 +216,16 @@ def test_one_host_transfer_per_call(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
     Sampler(CPU).sample(logits, requests)
     assert len(calls) == 1
+
+
+def test_logit_bias_forces_and_bans_tokens_per_row():
+    sampler = Sampler(CPU)
+    logits = skewed_logits(3)  # argmax is token 0
+    requests = [
+        make_request("force", temperature=0.0, logit_bias={7: 100.0}),
+        make_request("ban", temperature=0.0, logit_bias={0: -100.0, VOCAB + 10: 5.0}),  # padding id ignored
+        make_request("plain", temperature=0.0),
+    ]
+    assert token_ids(sampler.sample(logits, requests)) == [7, 1, 0]
+    sampled = draw_many(sampler, rounds=1, rows=200, temperature=1.0, logit_bias={0: -100.0, 1: -100.0})
+    assert 0 not in sampled and 1 not in sampled and sampled[2] > 0

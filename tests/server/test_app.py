@@ -248,3 +248,21 @@ def test_eos_text_is_not_content_unless_asked(client):
                                                           "include_stop_str_in_output": True}).json()
     assert with_stop["choices"][0]["message"]["content"] in (answer, answer + "<|im_end|>")
     assert with_stop["usage"] == plain["usage"]
+
+
+def test_logit_bias_steers_the_real_model(client, tokenizer):
+    forced = tokenizer.encode(" banana", add_special_tokens=False)[0]
+    body = client.post("/v1/chat/completions", json={**GREEDY_HELLO, "max_tokens": 3, "ignore_eos": True,
+                                                     "logit_bias": {str(forced): 100}}).json()
+    assert body["choices"][0]["message"]["content"] == tokenizer.decode([forced] * 3)
+    plain = client.post("/v1/chat/completions", json={**GREEDY_HELLO, "max_tokens": 3}).json()
+    first = tokenizer.encode(plain["choices"][0]["message"]["content"], add_special_tokens=False)[0]
+    banned = client.post("/v1/chat/completions", json={**GREEDY_HELLO, "max_tokens": 3, "logprobs": True,
+                                                       "logit_bias": {str(first): -100}}).json()
+    assert banned["choices"][0]["logprobs"]["content"][0]["token"] != tokenizer.decode([first])
+
+
+@pytest.mark.parametrize("bias", [{"99999999": 1}, {"x": 1}, {"5": 1000}])
+def test_bad_logit_bias_is_a_400_naming_it(client, bias):
+    assert_error(client.post("/v1/chat/completions", json={**GREEDY_HELLO, "logit_bias": bias}), 400,
+                 param="logit_bias")

@@ -105,3 +105,13 @@ def test_validation_errors_carry_the_dotted_field_path(data, param):
 def test_include_usage_only_when_streaming():
     assert parse(stream=True, stream_options={"include_usage": True}).include_usage
     assert not parse(stream=False, stream_options={"include_usage": True}).include_usage
+
+
+def test_logit_bias_keys_are_token_id_strings():
+    assert parse(logit_bias={"12": 5, "7": -100}).to_sampling_params().logit_bias == {12: 5.0, 7: -100.0}
+    with pytest.raises(SamplingParamsError) as info:
+        parse(logit_bias={"hello": 1}).to_sampling_params()
+    assert info.value.param == "logit_bias"
+    with pytest.raises(SamplingParamsError) as info:
+        parse(logit_bias={"3": 101}).to_sampling_params()
+    assert info.value.param == "logit_bias"
