@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from nitro_torch.config import Config
-from nitro_torch.engine.engine import LLMEngine, check_context_length
+from nitro_torch.engine.engine import LLMEngine
 from nitro_torch.engine.outputs import RequestOutput
 from nitro_torch.sampling import SamplingParams
 
@@ -72,7 +72,6 @@ class AsyncEngine:
         """Stream the request's deltas; leaving the iteration early aborts the request."""
         if self._dead is not None:
             raise EngineError("the engine has stopped") from self._dead
-        check_context_length(len(prompt_token_ids), params.max_tokens, self.max_model_len)
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
         self._commands.put(_Add(request_id, list(prompt_token_ids), params, sink))
         finished = False

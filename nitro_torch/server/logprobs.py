@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from nitro_torch.engine.outputs import TokenLogprob
 from nitro_torch.server.protocol import ChoiceLogprobs, TokenLogprobEntry, TopLogprob
@@ -14,17 +15,8 @@ from nitro_torch.server.protocol import ChoiceLogprobs, TokenLogprobEntry, TopLo
 
 @functools.cache
 def _byte_level_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's bytes_to_unicode: byte-level BPE tokens spell each byte as one character."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(char): byte for byte, char in zip(printable, chars)}
+    """Byte-level BPE tokens spell each byte as one character (GPT-2's table); this maps them back."""
+    return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 class TokenTexts:

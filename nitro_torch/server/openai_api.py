@@ -15,17 +15,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive
 
-from nitro_torch.engine.engine import ContextLengthExceeded, check_context_length
+from nitro_torch.engine.engine import check_context_length
 from nitro_torch.sampling import SamplingParams, SamplingParamsError
 from nitro_torch.server.chat_template import prompt_token_ids
 from nitro_torch.server.completion import Completion
-from nitro_torch.server.errors import (
-    APIError,
-    context_length_error,
-    invalid_json_error,
-    sampling_params_error,
-    validation_error,
-)
+from nitro_torch.server.errors import APIError, invalid_json_error, validation_error
 from nitro_torch.server.logprobs import TokenTexts
 from nitro_torch.server.protocol import ChatCompletionRequest, ModelCard, ModelList
 from nitro_torch.server.streaming import SSEResponse
@@ -81,13 +75,6 @@ def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
                                              f"{vocab_size} tokens")
 
 
-def check_fits_context(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
-    try:
-        check_context_length(num_prompt_tokens, max_tokens, max_model_len)
-    except ContextLengthExceeded as exc:
-        raise context_length_error(exc) from None
-
-
 async def _wait_for_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -115,13 +102,10 @@ async def until_disconnect(request: Request, work: Awaitable[_T]) -> _T:
 async def chat_completions(request: Request) -> Response:
     engine = get_engine(request)
     body = await parse_chat_request(request)
-    try:
-        params = body.to_sampling_params()
-        check_token_ids(params, len(engine.tokenizer))
-    except SamplingParamsError as exc:
-        raise sampling_params_error(exc) from None
+    params = body.to_sampling_params()  # SamplingParamsError and ContextLengthExceeded become 400s in errors.py
+    check_token_ids(params, len(engine.tokenizer))
     prompt_ids = prompt_token_ids(engine.tokenizer, body.messages)
-    check_fits_context(len(prompt_ids), params.max_tokens, engine.max_model_len)
+    check_context_length(len(prompt_ids), params.max_tokens, engine.max_model_len)
     completion = Completion(engine, token_texts(request, engine), prompt_ids, params,
                             include_usage=body.include_usage)
     if body.stream:
