@@ -33,6 +33,15 @@ class ModelConfig:
 
 
 @dataclass
+class ChatConfig:
+    chat_template: str | None = field(default=None, metadata={"help": "Jinja chat template file that replaces the model's own"})
+    system_prompt: str | None = field(default=None, metadata={"help": "prompt-prefix mode (models without a chat template): text before a system message"})
+    user_prompt: str | None = field(default=None, metadata={"help": "prompt-prefix mode: text before a user message"})
+    ai_prompt: str | None = field(default=None, metadata={"help": "prompt-prefix mode: text before an assistant message and the answer"})
+    pre_prompt: str | None = field(default=None, metadata={"help": "prompt-prefix mode: default system message when the request has none"})
+
+
+@dataclass
 class CacheConfig:
     block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
     kv_cache_memory: float = field(default=1.0, metadata={"help": "GiB of KV cache on CPU"})
@@ -57,6 +66,7 @@ class ServerConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)

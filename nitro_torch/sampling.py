@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
@@ -14,6 +15,18 @@ class SamplingParamsError(ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+GuidedKind = Literal["json_object", "json_schema", "regex", "ebnf", "structural_tag"]
+
+
+@dataclass(frozen=True)
+class GuidedDecoding:
+    """Constrain generation to a grammar (structured outputs): every sampled token keeps the output valid."""
+
+    kind: GuidedKind
+    spec: str = ""
+    """JSON schema text, regex, EBNF grammar or structural-tag JSON; empty for json_object."""
 
 
 @dataclass
@@ -39,6 +52,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] = field(default_factory=dict)
     """Added to the logits of these token ids before sampling (OpenAI: -100 bans, +100 forces)."""
+    guided: GuidedDecoding | None = None
 
     def __post_init__(self) -> None:
         if self.top_k == -1:

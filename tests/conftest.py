@@ -23,3 +23,11 @@ def default_model_dir() -> str:
     from nitro_torch.models.loader import resolve_model_source
 
     return resolve_model_source("default")[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer) -> str:
+    """A tiny random-weight Llama with SmolLM2's tokenizer and chat template, as an HF folder."""
+    from tests.tiny_models import save_tiny_model
+
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), smol_tokenizer))

@@ -23,7 +23,7 @@ class TokenTexts:
     """Caches each token id's (text, bytes) for one tokenizer."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        self._tokenizer = tokenizer
+        self.tokenizer = tokenizer
         self._cache: dict[int, tuple[str, list[int]]] = {}
         self._byte_level = _is_byte_level(tokenizer)
 
@@ -35,12 +35,12 @@ class TokenTexts:
 
     def _compute(self, token_id: int) -> tuple[str, list[int]]:
         if self._byte_level:
-            piece = self._tokenizer.convert_ids_to_tokens(token_id)
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
             decoder = _byte_level_decoder()
             if isinstance(piece, str) and all(char in decoder for char in piece):
                 raw = bytes(decoder[char] for char in piece)
                 return raw.decode("utf-8", errors="replace"), list(raw)
-        text = self._tokenizer.decode([token_id], skip_special_tokens=False)
+        text = self.tokenizer.decode([token_id], skip_special_tokens=False)
         return text, list(text.encode("utf-8"))
 
 

@@ -2,69 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import time
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, TypeVar
 
-from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive
 
 from nitro_torch.engine.engine import check_context_length
 from nitro_torch.sampling import SamplingParams, SamplingParamsError
 from nitro_torch.server.chat_template import prompt_token_ids
 from nitro_torch.server.completion import Completion
-from nitro_torch.server.errors import APIError, invalid_json_error, validation_error
-from nitro_torch.server.logprobs import TokenTexts
+from nitro_torch.server.context import ClientDisconnected, get_engine, parse_body, token_texts, until_disconnect
+from nitro_torch.server.errors import APIError
 from nitro_torch.server.protocol import ChatCompletionRequest, ModelCard, ModelList
 from nitro_torch.server.streaming import SSEResponse
 
-if TYPE_CHECKING:
-    from nitro_torch.engine.async_engine import AsyncEngine
-
 logger = logging.getLogger("nitro_torch.server")
-
-_T = TypeVar("_T")
-
-
-class ClientDisconnected(Exception):
-    pass
-
-
-def get_engine(request: Request) -> AsyncEngine:
-    engine = getattr(request.app.state, "engine", None)
-    if engine is None:
-        raise APIError(503, "The model is not loaded yet.", code="model_not_ready")
-    return engine
-
-
-def token_texts(request: Request, engine: AsyncEngine) -> TokenTexts:
-    texts = getattr(request.app.state, "token_texts", None)
-    if texts is None:
-        texts = request.app.state.token_texts = TokenTexts(engine.tokenizer)
-    return texts
-
-
-async def parse_chat_request(request: Request) -> ChatCompletionRequest:
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise invalid_json_error(exc) from None
-    except UnicodeDecodeError:
-        raise APIError(400, "The request body is not valid UTF-8.", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, f"The request body must be a JSON object, not {type(data).__name__}.",
-                       code="invalid_json")
-    try:
-        return ChatCompletionRequest.model_validate(data)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
 
 
 def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
@@ -75,33 +29,9 @@ def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
                                              f"{vocab_size} tokens")
 
 
-async def _wait_for_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def until_disconnect(request: Request, work: Awaitable[_T]) -> _T:
-    """Runs `work`, cancelling it (which aborts its engine request) if the client disconnects first."""
-    work_task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
-    try:
-        await asyncio.wait({work_task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not work_task.done():
-            work_task.cancel()
-            try:
-                await work_task
-            except asyncio.CancelledError:
-                pass
-    if work_task.cancelled():
-        raise ClientDisconnected()
-    return work_task.result()
-
-
 async def chat_completions(request: Request) -> Response:
     engine = get_engine(request)
-    body = await parse_chat_request(request)
+    body = await parse_body(request, ChatCompletionRequest)
     params = body.to_sampling_params()  # SamplingParamsError and ContextLengthExceeded become 400s in errors.py
     check_token_ids(params, len(engine.tokenizer))
     prompt_ids = prompt_token_ids(engine.tokenizer, body.messages)
