@@ -26,7 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nitro-torch", description="OpenAI-compatible LLM server on PyTorch")
     parser.add_argument("--version", action="version", version=f"nitro-torch {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    serve = commands.add_parser(
+        "serve", help="serve the OpenAI-compatible HTTP API",
+        epilog="--model none starts without a model, as Nitro did: load one later with "
+               "POST /inferences/llamacpp/loadmodel (models can be switched the same way while the server runs).",
+    )
     add_arguments(serve)
     serve.set_defaults(handler=_serve)
     return parser

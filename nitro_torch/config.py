@@ -38,7 +38,7 @@ class ChatConfig:
     system_prompt: str | None = field(default=None, metadata={"help": "prompt-prefix mode (models without a chat template): text before a system message"})
     user_prompt: str | None = field(default=None, metadata={"help": "prompt-prefix mode: text before a user message"})
     ai_prompt: str | None = field(default=None, metadata={"help": "prompt-prefix mode: text before an assistant message and the answer"})
-    pre_prompt: str | None = field(default=None, metadata={"help": "prompt-prefix mode: default system message when the request has none"})
+    pre_prompt: str | None = field(default=None, metadata={"help": "prompt-prefix mode: text at the start of every prompt"})
 
 
 @dataclass
@@ -82,6 +82,8 @@ class Config:
             raise ConfigError("max_num_seqs and max_num_batched_tokens must be positive")
         if not 0 < self.server.port < 65536:
             raise ConfigError("port must be in 1..65535")
+        if self.chat.chat_template and not Path(self.chat.chat_template).is_file():
+            raise ConfigError(f"chat template file not found: {self.chat.chat_template}")
 
 
 @dataclass(frozen=True)

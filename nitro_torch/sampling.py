@@ -22,11 +22,24 @@ GuidedKind = Literal["json_object", "json_schema", "regex", "ebnf", "structural_
 
 @dataclass(frozen=True)
 class GuidedDecoding:
-    """Constrain generation to a grammar (structured outputs): every sampled token keeps the output valid."""
+    """Constrain generation to a grammar (structured outputs): every sampled token keeps the output valid,
+    and EOS / stop tokens are allowed only where the structure is complete (compiled by xgrammar, see
+    runner/guided.py). `spec` per `kind`:
+
+    - "json_object": ignored (""); any JSON object.
+    - "json_schema": a JSON Schema as JSON text, e.g. '{"type": "object", "properties": {...}}'.
+    - "regex": a regular expression the whole output must match (xgrammar's dialect, no anchors needed).
+    - "ebnf": an EBNF/GBNF grammar whose start rule is named `root`, e.g. 'root ::= "yes" | "no"'.
+    - "structural_tag": xgrammar's structural tag as JSON text, {"type": "structural_tag", "format": {...}}
+      (e.g. a "triggered_tags" format: free text until a trigger, then a tag whose content follows a schema);
+      the legacy {"structures": [{"begin", "schema", "end"}], "triggers": [...]} is accepted too.
+
+    JSON (json_object, json_schema) is generated without free whitespace (', ' and ': ' separators), so even
+    small models cannot wander into endless blank lines.
+    """
 
     kind: GuidedKind
     spec: str = ""
-    """JSON schema text, regex, EBNF grammar or structural-tag JSON; empty for json_object."""
 
 
 @dataclass

@@ -31,11 +31,35 @@ class _Add:
     prompt_token_ids: list[int]
     params: SamplingParams
     sink: "_Sink"
+    parent_id: str | None = None
 
 
 @dataclass
 class _Abort:
     request_id: str
+
+
+@dataclass
+class _Embed:
+    """One packed embedding forward, run on the engine thread between steps."""
+
+    token_id_lists: list[list[int]]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[list[list[float]]]
+
+    def resolve(self, result: list[list[float]] | BaseException) -> None:
+        def settle() -> None:
+            if self.future.done():  # the caller went away
+                return
+            if isinstance(result, BaseException):
+                self.future.set_exception(result)
+            else:
+                self.future.set_result(result)
+
+        try:
+            self.loop.call_soon_threadsafe(settle)
+        except RuntimeError:
+            pass  # the event loop is closed: nobody is listening any more
 
 
 @dataclass
@@ -56,7 +80,7 @@ class AsyncEngine:
         self.tokenizer = engine.tokenizer
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
-        self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Embed | None] = queue.SimpleQueue()
         self._sinks: dict[str, _Sink] = {}
         self._dead: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="nitro-engine", daemon=True)
@@ -67,13 +91,16 @@ class AsyncEngine:
         return cls(LLMEngine.from_config(config))
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, parent_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """Stream the request's deltas; leaving the iteration early aborts the request."""
+        """Stream the request's deltas; leaving the iteration early aborts the request.
+
+        `parent_id` names a request with the same prompt whose computed prompt this one shares (n > 1).
+        """
         if self._dead is not None:
             raise EngineError("the engine has stopped") from self._dead
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
-        self._commands.put(_Add(request_id, list(prompt_token_ids), params, sink))
+        self._commands.put(_Add(request_id, list(prompt_token_ids), params, sink, parent_id))
         finished = False
         try:
             while not finished:
@@ -86,8 +113,34 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
+    async def prepare(self, params: SamplingParams) -> None:
+        """Compile the request's grammar in a worker thread, so a slow schema never stalls the engine's steps
+        (add_request then finds it cached); SamplingParamsError if it is invalid."""
+        if params.guided is not None:
+            await asyncio.to_thread(self.engine.guided.compile, params.guided)
+
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
+
+    @property
+    def embedding_size(self) -> int:
+        return self.engine.embedding_size
+
+    async def embed(self, token_id_lists: list[list[int]]) -> list[list[float]]:
+        """Unit-length embeddings, one per input. Each packed forward is its own engine-thread command, so
+        generation steps run between the forwards of a large request."""
+        from nitro_torch.runner.embedder import pack_batches
+
+        loop = asyncio.get_running_loop()
+        vectors: list[list[float]] = []
+        budget = self.engine.config.scheduler.max_num_batched_tokens
+        for batch in pack_batches([len(ids) for ids in token_id_lists], budget):
+            if self._dead is not None:
+                raise EngineError("the engine has stopped") from self._dead
+            command = _Embed([list(token_id_lists[i]) for i in batch], loop, loop.create_future())
+            self._commands.put(command)
+            vectors.extend(await command.future)
+        return vectors
 
     def stats(self) -> dict[str, int | float]:
         return self.engine.stats()
@@ -95,6 +148,11 @@ class AsyncEngine:
     @property
     def is_alive(self) -> bool:
         return self._thread.is_alive() and self._dead is None
+
+    @property
+    def num_live_requests(self) -> int:
+        """Requests the engine thread still streams to (a read of a dict's size: safe from any thread)."""
+        return len(self._sinks)
 
     def shutdown(self) -> None:
         """Stop the loop; requests still in flight end with an error instead of hanging."""
@@ -106,6 +164,8 @@ class AsyncEngine:
             command = self._commands.get_nowait()
             if isinstance(command, _Add):
                 command.sink.put(error)
+            elif isinstance(command, _Embed):
+                command.resolve(error)
         self._fail_all(error)
 
     # engine thread ---------------------------------------------------------------------------------
@@ -140,16 +200,26 @@ class AsyncEngine:
                 return False
             if isinstance(command, _Add):
                 self._add(command)
+            elif isinstance(command, _Embed):
+                self._embed(command)
             else:
                 self._abort(command.request_id)
 
     def _add(self, command: _Add) -> None:
         try:
-            self.engine.add_request(command.request_id, command.prompt_token_ids, command.params)
+            self.engine.add_request(command.request_id, command.prompt_token_ids, command.params,
+                                    parent_id=command.parent_id)
         except Exception as exc:
             command.sink.put(exc)
             return
         self._sinks[command.request_id] = command.sink
+
+    def _embed(self, command: _Embed) -> None:
+        try:
+            command.resolve(self.engine.embed(command.token_id_lists))
+        except Exception as exc:
+            logger.exception("embedding forward failed")
+            command.resolve(EngineError(f"embedding failed: {type(exc).__name__}"))
 
     def _abort(self, request_id: str) -> None:
         output = self.engine.abort(request_id)

@@ -34,7 +34,11 @@ class Block:
 @dataclass
 class PrefixHit:
     block_ids: list[int]
+    """Blocks shared as they are (their reference count goes up)."""
     num_tokens: int
+    """Tokens whose K/V are in place after allocation (shared blocks plus the copied partial block)."""
+    copy_from: int | None = None
+    """A partial block whose contents are copied into a fresh block of the new request (forks only)."""
 
 
 @dataclass
@@ -54,6 +58,8 @@ class BlockManager:
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[BlockKey, int] = {}
         self._request_keys: dict[str, list[BlockKey]] = {}
+        self.pending_copies: list[tuple[int, int]] = []
+        """(source, destination) block copies the runner must do before the next forward."""
         self.stats = BlockStats()
 
     @property
@@ -81,9 +87,22 @@ class BlockManager:
             hit.append(block_id)
         return PrefixHit(hit, len(hit) * self.block_size)
 
+    def fork_hit(self, parent: Request, child: Request) -> PrefixHit:
+        """Share a parent's computed prompt with a child that has the same prompt (n > 1 choices).
+
+        The child takes the parent's full prompt blocks and a copy of the block holding the last prompt
+        token, and recomputes only that token, so it gets its own logits to sample its first token from.
+        """
+        if parent.num_computed_tokens < child.num_prompt_tokens:
+            raise ValueError("the parent has not computed the prompt yet")
+        kept = child.num_prompt_tokens - 1
+        num_shared, partial = divmod(kept, self.block_size)
+        copy_from = parent.block_ids[num_shared] if partial else None
+        return PrefixHit(parent.block_ids[:num_shared], kept, copy_from)
+
     def can_allocate(self, request: Request, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
         hit_blocks = hit.block_ids if hit else []
-        computed = hit.num_tokens if hit_blocks else request.num_computed_tokens
+        computed = hit.num_tokens if hit else request.num_computed_tokens
         total = self.blocks_needed(computed + num_new_tokens)
         fresh = total - len(request.block_ids) - len(hit_blocks)
         revived = sum(1 for b in hit_blocks if self.blocks[b].ref_count == 0)
@@ -93,10 +112,14 @@ class BlockManager:
         """Give the request blocks for `num_new_tokens` more tokens, taking prefix-hit blocks first."""
         if not self.can_allocate(request, num_new_tokens, hit):
             raise MemoryError("not enough free KV blocks")
-        if hit and hit.block_ids:
+        if hit is not None:
             for block_id in hit.block_ids:
                 self._take(block_id)
             request.block_ids.extend(hit.block_ids)
+            if hit.copy_from is not None:
+                copy = self._take_fresh()
+                request.block_ids.append(copy)
+                self.pending_copies.append((hit.copy_from, copy))
             request.num_computed_tokens = hit.num_tokens
         total = self.blocks_needed(request.num_computed_tokens + num_new_tokens)
         while len(request.block_ids) < total:

@@ -7,6 +7,10 @@ from nitro_torch.sampling import SamplingParams
 _REPLACEMENT_CHAR = "\ufffd"
 """What an incomplete UTF-8 sequence (byte-fallback / byte-level tokens) decodes to."""
 
+PROMPT_CONTEXT_TOKENS = 4
+"""Prompt tokens decoded ahead of the output (vLLM's initial prefix offset): enough for the decoder to see
+that the first generated token is not at the start of the text."""
+
 
 class IncrementalDetokenizer:
     """Turns generated token ids into text deltas.
@@ -14,21 +18,21 @@ class IncrementalDetokenizer:
     Each step decodes only a short window of recent tokens (prefix-offset / read-offset): the
     text of tokens[prefix:read] was already emitted, so the new text is what tokens[prefix:]
     adds to it. Keeping one already-emitted token in the window preserves leading-space and
-    byte-merge context. Text is rendered from the generated tokens alone, so the emitted pieces
-    concatenate to ``tokenizer.decode(output_ids, skip_special_tokens=...)``.
+    byte-merge context. The window starts with the last few prompt tokens (never emitted), so
+    decoders that strip the text's first space (sentencepiece / Llama) keep the space of a
+    completion that continues a prompt; the emitted pieces concatenate to
+    ``decode(context + output_ids)[len(decode(context)):]``.
     """
 
     def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        # The prompt is not rendered: the output text starts with the first generated token.
-        del prompt_token_ids
         self._tokenizer = tokenizer
         self._skip_special_tokens = params.skip_special_tokens
         self._unrendered_ids = _unrendered_token_ids(tokenizer, params)
         self._stop_strings = list(params.stop)
         self._include_stop_string = params.include_stop_str_in_output
-        self._token_ids: list[int] = []
+        self._token_ids: list[int] = self._prompt_context(prompt_token_ids)
         self._prefix_offset = 0
-        self._read_offset = 0
+        self._read_offset = len(self._token_ids)
         self._pending_chars = 0
         """Chars past tokens[prefix:read]'s text already taken while the window ended mid-character."""
         self._held_text = ""
@@ -59,6 +63,15 @@ class IncrementalDetokenizer:
             return ""
         self._finished = True
         return self._emit(self._decode_new_text(final=True), final=True)
+
+    def _prompt_context(self, prompt_token_ids: list[int]) -> list[int]:
+        """The last rendered prompt tokens, minus a trailing incomplete character (its text could not be
+        told apart from the output's)."""
+        context = [t for t in prompt_token_ids[-2 * PROMPT_CONTEXT_TOKENS:] if t not in self._unrendered_ids]
+        context = context[-PROMPT_CONTEXT_TOKENS:]
+        while context and self._decode(context).endswith(_REPLACEMENT_CHAR):
+            context.pop()
+        return context
 
     def _decode_new_text(self, final: bool) -> str:
         prefix_text = self._decode(self._token_ids[self._prefix_offset : self._read_offset])

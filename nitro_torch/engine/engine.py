@@ -14,8 +14,9 @@ from nitro_torch.engine.detokenizer import IncrementalDetokenizer
 from nitro_torch.engine.outputs import FinishReason, RequestOutput, TokenLogprob
 from nitro_torch.engine.request import Request
 from nitro_torch.engine.scheduler import Scheduler
-from nitro_torch.models.loader import LoadedModel, load_model
+from nitro_torch.models.loader import LoadedModel, apply_chat_template_file, load_model
 from nitro_torch.runner.attention import register_paged_attention
+from nitro_torch.runner.guided import GuidedDecoder, logits_vocab_size
 from nitro_torch.runner.kv_cache import GIB, KVCache, KVLayout
 from nitro_torch.runner.model_runner import ModelRunner
 from nitro_torch.runner.sampler import Sampler
@@ -38,6 +39,7 @@ class LLMEngine:
     def __init__(self, loaded: LoadedModel, config: Config) -> None:
         self.loaded = loaded
         self.config = config
+        apply_chat_template_file(loaded.tokenizer, config.chat.chat_template)
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
         self.device = loaded.device
@@ -53,6 +55,8 @@ class LLMEngine:
         )
         self.runner = ModelRunner(loaded.model, self.kv_cache, self.device)
         self.sampler = Sampler(self.device)
+        self.guided = GuidedDecoder(self.tokenizer, logits_vocab_size(loaded.model), loaded.eos_token_ids,
+                                    self.device)
         self._tracked: dict[str, _Tracked] = {}
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB)",
@@ -83,10 +87,14 @@ class LLMEngine:
 
     # requests -------------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    parent_id: str | None = None) -> Request:
+        """Queue a request; with `parent_id` (a live request with the same prompt) it shares that prompt's KV."""
         if request_id in self._tracked:
             raise ValueError(f"duplicate request id {request_id}")
         check_context_length(len(prompt_token_ids), params.max_tokens, self.max_model_len)
+        if params.guided is not None:
+            self.guided.compile(params.guided)  # an invalid grammar is a SamplingParamsError before anything is queued
         limit = self.max_model_len
         if params.max_tokens is not None:
             limit = min(limit, len(prompt_token_ids) + params.max_tokens)
@@ -94,7 +102,13 @@ class LLMEngine:
             request_id, list(prompt_token_ids), params,
             eos_token_ids=self.loaded.eos_token_ids, max_total_tokens=limit,
         )
+        parent = self._tracked.get(parent_id) if parent_id is not None else None
+        if parent is not None:
+            if parent.request.prompt_token_ids != request.prompt_token_ids:
+                raise ValueError(f"request {request_id} has another prompt than its parent {parent_id}")
+            request.parent = parent.request
         self.scheduler.add(request)
+        self.guided.attach(request)
         detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params)
         self._tracked[request_id] = _Tracked(request, detokenizer)
         return request
@@ -105,6 +119,7 @@ class LLMEngine:
             return None
         self.scheduler.finish(tracked.request, FinishReason.ABORT)
         self.sampler.release(request_id)
+        self.guided.release(request_id)
         return self._output(tracked.request, "", [], None)
 
     @property
@@ -118,7 +133,10 @@ class LLMEngine:
         if plan.is_empty:
             return []
         logits, sampling_requests = self.runner.execute(plan)
-        sampled = self.sampler.sample(logits, sampling_requests) if sampling_requests else []
+        grammar = self.guided.token_mask(sampling_requests) if self.guided.active and sampling_requests else None
+        sampled = self.sampler.sample(logits, sampling_requests, grammar) if sampling_requests else []
+        grammar_ended = set() if grammar is None else \
+            {sampling_requests[row] for row in self.guided.accept(grammar, [s.token_id for s in sampled])}
         self.scheduler.update(plan, {r.request_id: s.token_id for r, s in zip(sampling_requests, sampled)})
         outputs = []
         for request, token in zip(sampling_requests, sampled):
@@ -129,6 +147,8 @@ class LLMEngine:
             ended_on_stop_token = request.finish_reason is FinishReason.STOP
             text = "" if ended_on_stop_token and not request.params.include_stop_str_in_output \
                 else detokenizer.add(token.token_id)
+            if request in grammar_ended:  # complete structure; a no-op when its stop token already ended it
+                self.scheduler.finish(request, FinishReason.STOP)
             if detokenizer.stopped:
                 self.scheduler.finish(request, FinishReason.STOP)
                 request.finish_reason = FinishReason.STOP  # a stop string wins over a length limit hit at once
@@ -139,6 +159,7 @@ class LLMEngine:
             if request.is_finished:
                 del self._tracked[request.request_id]
                 self.sampler.release(request.request_id)
+                self.guided.release(request.request_id)
         return outputs
 
     def _output(self, request: Request, text: str, token_ids: list[int],
@@ -171,7 +192,7 @@ class LLMEngine:
         bm, sched = self.block_manager, self.scheduler
         return {
             "num_running": len(sched.running),
-            "num_waiting": len(sched.waiting),
+            "num_waiting": sched.num_waiting,
             "kv_blocks_total": bm.num_blocks,
             "kv_blocks_used": bm.num_used_blocks,
             "prefix_cache_query_tokens": bm.stats.prefix_query_tokens,
@@ -179,6 +200,27 @@ class LLMEngine:
             "num_preemptions": sched.stats.num_preemptions,
             "num_steps": sched.stats.num_steps,
         }
+
+    # embeddings -----------------------------------------------------------------------------------
+
+    @property
+    def embedding_size(self) -> int:
+        config = self.loaded.model.config
+        return (config.get_text_config() if hasattr(config, "get_text_config") else config).hidden_size
+
+    def embed(self, token_id_lists: list[list[int]]) -> list[list[float]]:
+        """One unit-length vector per input: its mean-pooled final hidden states. No KV cache is read or written,
+        so running requests are untouched; call it on the engine's thread, between steps."""
+        from nitro_torch.runner.embedder import Embedder
+
+        for ids in token_id_lists:
+            if not ids or len(ids) > self.max_model_len:
+                raise ValueError(f"embedding inputs need 1 to {self.max_model_len} tokens, not {len(ids)}")
+        embedder = getattr(self, "_embedder", None)
+        if embedder is None:
+            embedder = self._embedder = Embedder(self.loaded.model, self.kv_cache, self.device,
+                                                 self.config.scheduler.max_num_batched_tokens)
+        return embedder.embed(token_id_lists).tolist()
 
 
 def check_context_length(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:

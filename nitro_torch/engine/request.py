@@ -34,6 +34,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    parent: Request | None = None
+    """Another request with the same prompt (choice 0 of n) whose computed prompt this one shares."""
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

@@ -4,6 +4,9 @@ Running requests are served first (decodes, then unfinished prefills), then wait
 order; a prompt longer than the remaining budget is prefilled in chunks over several steps. When the KV
 pool runs dry the most recently admitted running request is preempted: its blocks are freed and it goes
 back to the front of the queue to be recomputed (its cached full blocks usually make that cheap).
+
+Choices 2..n of one prompt are forks: they wait until choice 1 (their parent) has computed the prompt,
+then share its KV blocks and compute only the last prompt token themselves, so the prompt is prefilled once.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ class ScheduledRequest:
 class StepPlan:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    """KV blocks to copy (source, destination) before the forward."""
 
     @property
     def num_tokens(self) -> int:
@@ -55,6 +60,8 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.forks_waiting: dict[str, list[Request]] = {}
+        """Parent request id -> forks that wait for the parent's prompt to be computed."""
         self.stats = SchedulerStats()
 
     def add(self, request: Request) -> None:
@@ -64,11 +71,43 @@ class Scheduler:
                 f"more than the whole cache holds ({self.block_manager.num_blocks * self.block_manager.block_size})"
             )
         request.status = RequestStatus.WAITING
+        parent = request.parent
+        if parent is not None and not parent.is_finished:
+            if parent.num_computed_tokens < request.num_prompt_tokens:
+                self.forks_waiting.setdefault(parent.request_id, []).append(request)
+                return
+            if self._fork(parent, request):
+                return
         self.waiting.append(request)
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.forks_waiting)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + sum(len(forks) for forks in self.forks_waiting.values())
+
+    def _fork(self, parent: Request, child: Request) -> bool:
+        """Start `child` on its running parent's computed prompt; False if there is no room now."""
+        if (parent.status is not RequestStatus.RUNNING or len(self.running) >= self.max_num_seqs
+                or parent.num_computed_tokens < child.num_prompt_tokens):
+            return False
+        hit = self.block_manager.fork_hit(parent, child)
+        if not self.block_manager.can_allocate(child, 1, hit):
+            return False
+        self.block_manager.allocate(child, 1, hit)
+        child.num_cached_tokens = hit.num_tokens
+        child.status = RequestStatus.RUNNING
+        self.running.append(child)
+        return True
+
+    def _release_forks(self, parent: Request) -> None:
+        """Fork the parent's waiting children now; those that do not fit queue up as ordinary requests."""
+        unplaced = [c for c in self.forks_waiting.pop(parent.request_id, []) if not self._fork(parent, c)]
+        for child in reversed(unplaced):
+            child.parent = None
+            self.waiting.appendleft(child)
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
@@ -86,6 +125,7 @@ class Scheduler:
             budget -= num_new
         if not plan.preempted:
             budget = self._admit_waiting(plan, budget)
+        plan.block_copies, self.block_manager.pending_copies = self.block_manager.pending_copies, []
         self.stats.num_steps += 1
         return plan
 
@@ -134,6 +174,8 @@ class Scheduler:
                 continue  # aborted while the step ran
             request.num_computed_tokens += item.num_tokens
             self.block_manager.cache_full_blocks(request)
+            if request.request_id in self.forks_waiting and request.num_computed_tokens >= request.num_prompt_tokens:
+                self._release_forks(request)
             token = sampled.get(request.request_id)
             if token is None:
                 continue
@@ -152,6 +194,14 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        elif request.parent is not None:
+            forks = self.forks_waiting.get(request.parent.request_id, [])
+            if request in forks:
+                forks.remove(request)
+                if not forks:
+                    del self.forks_waiting[request.parent.request_id]
+        if request.request_id in self.forks_waiting:
+            self._release_forks(request)
         self.block_manager.free(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason

@@ -129,6 +129,15 @@ def load_tokenizer(model: str = "default", cache_dir: str | None = None) -> PreT
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
+def apply_chat_template_file(tokenizer: PreTrainedTokenizerBase, path: str | None) -> None:
+    """Replace the model's chat template with the one in `path` (--chat-template), if given."""
+    if not path:
+        return
+    if not Path(path).is_file():
+        raise ConfigError(f"chat template file not found: {path}")
+    tokenizer.chat_template = Path(path).read_text(encoding="utf-8")
+
+
 def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
@@ -151,7 +160,7 @@ def load_model(config: ModelConfig, attn_implementation: str | None = None) -> L
     model.requires_grad_(False)
     report_progress(f"loaded {name} in {time.monotonic() - started:.1f} s")
     if not has_chat_template(tokenizer):
-        logger.warning("%s has no chat template; chat requests will need one", name)
+        logger.warning("%s has no chat template; chat prompts use Nitro's prompt prefixes", name)
 
     return LoadedModel(
         model=model,

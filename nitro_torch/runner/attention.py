@@ -40,6 +40,8 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None
     decode_context_lens: torch.Tensor | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
+    write_kv: bool = True
+    """False for cache-free forwards (embeddings): every chunk is a whole sequence attending to its own K/V."""
 
 
 _current: AttentionMetadata | None = None
@@ -152,7 +154,8 @@ def paged_attention_forward(
     q = query[0].transpose(0, 1)  # [T, H, D]
     k = key[0].transpose(0, 1)  # [T, KV, D]
     v = value[0].transpose(0, 1)
-    store_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    if meta.write_kv:
+        store_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens

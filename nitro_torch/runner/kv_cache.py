@@ -63,6 +63,16 @@ class KVCache:
                                out=self._gather_v[: n * width].view(n, width))
         return k.view(shape), v.view(shape)
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole blocks (source -> destination) in every layer, e.g. a prompt's last block for a fork."""
+        if not pairs:
+            return
+        device = self.keys[0].device
+        sources = torch.tensor([s for s, _ in pairs], dtype=torch.long, device=device)
+        destinations = torch.tensor([d for _, d in pairs], dtype=torch.long, device=device)
+        for cache in (*self.keys, *self.values):
+            cache.index_copy_(0, destinations, cache.index_select(0, sources))
+
     @property
     def capacity_tokens(self) -> int:
         return self.num_blocks * self.layout.block_size

@@ -32,6 +32,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> tuple[torch.Tensor | None, list[Request]]:
         """Run the step; return logits [R, V] of the requests that sample, in the returned order."""
+        self.kv_cache.copy_blocks(plan.block_copies)
         inputs = self.prepare(plan)
         with step_context(inputs.metadata):
             keep = inputs.logits_indices if inputs.sampling_requests else 1

@@ -1,18 +1,23 @@
 """Batched next-token sampling on the device with a single device->host transfer per step.
 
-Order per row (vLLM/OpenAI semantics): penalties, min_tokens masking, then either argmax (greedy)
-or temperature, top-k, top-p, min-p and a draw. Logprobs always describe the raw model logits.
+Order per row (vLLM/OpenAI semantics): penalties, min_tokens masking, the grammar mask (structured
+outputs), then either argmax (greedy) or temperature, top-k, top-p, min-p and a draw. Logprobs always
+describe the raw model logits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from nitro_torch.engine.outputs import TokenLogprob
 from nitro_torch.engine.request import Request
+
+if TYPE_CHECKING:
+    from nitro_torch.runner.guided import TokenMask
 
 _TOP_P_DISABLED = 2.0
 """Above any cumulative probability, so float rounding in cumsum can never filter a token."""
@@ -35,16 +40,23 @@ class Sampler:
     def release(self, request_id: str) -> None:
         self._seeded_generators.pop(request_id, None)
 
-    def sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> list[SampledToken]:
+    def sample(self, logits: torch.Tensor, requests: Sequence[Request],
+               grammar: TokenMask | None = None) -> list[SampledToken]:
+        """`grammar`: the allowed tokens of the rows that decode under a grammar (None: no such row)."""
         if len(requests) != logits.shape[0]:
             raise ValueError(f"{logits.shape[0]} logit rows for {len(requests)} requests")
         if all(_is_plain_greedy(r) for r in requests):
-            return [SampledToken(t, None) for t in logits.argmax(dim=-1).tolist()]
+            token_ids = logits.argmax(dim=-1)
+            if grammar is not None:
+                token_ids = grammar.greedy(logits, token_ids)
+            return [SampledToken(t, None) for t in token_ids.tolist()]
 
         scores = logits.to(torch.float32, copy=True)
         apply_penalties(scores, requests)
         apply_logit_bias(scores, requests)
         mask_stops_before_min_tokens(scores, requests)
+        if grammar is not None:
+            grammar.apply(scores)
         token_ids = scores.argmax(dim=-1)
         if not all(r.params.greedy for r in requests):
             drawn = self._draw(filter_for_sampling(scores, requests), requests)
@@ -122,13 +134,15 @@ def apply_logit_bias(scores: torch.Tensor, requests: Sequence[Request]) -> None:
 
 
 def mask_stops_before_min_tokens(scores: torch.Tensor, requests: Sequence[Request]) -> None:
-    """In place: a request that has not reached min_tokens may not pick a token that ends it."""
+    """In place: a request that has not reached min_tokens may not pick a token that ends it.
+
+    Not under a grammar: where the structure is complete the grammar allows only its stop tokens."""
     vocab_size = scores.shape[1]
     rows: list[int] = []
     columns: list[int] = []
     for row, request in enumerate(requests):
         params = request.params
-        if len(request.output_token_ids) >= params.min_tokens:
+        if len(request.output_token_ids) >= params.min_tokens or params.guided is not None:
             continue
         enders = set(params.stop_token_ids)
         if not params.ignore_eos:

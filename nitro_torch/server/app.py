@@ -1,4 +1,4 @@
-"""The Starlette app: routes, error handlers, and a lifespan that owns the engine."""
+"""The Starlette app: routes, error handlers, and a lifespan that owns the ModelHost's start-up model."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from nitro_torch.config import Config
-from nitro_torch.server import openai_api
+from nitro_torch.server import embeddings_api, nitro_api, openai_api, text_completions, tokenize_api
 from nitro_torch.server.errors import EXCEPTION_HANDLERS, APIError
+from nitro_torch.server.model_host import NO_MODEL, LeaseMiddleware, ModelHost, get_host
 
 if TYPE_CHECKING:
     from nitro_torch.engine.async_engine import AsyncEngine
@@ -24,75 +26,86 @@ logger = logging.getLogger("nitro_torch.server")
 
 
 async def health(request: Request) -> JSONResponse:
-    """200 with the engine's counters while the engine is up; 503 otherwise."""
-    engine = getattr(request.app.state, "engine", None)
-    if engine is None:
-        raise APIError(503, "The model is not loaded yet.", code="model_not_ready")
+    """Readiness: 200 with the engine's counters while a model serves; 503 otherwise."""
+    host = get_host(request)
+    error = host.unavailable_error()
+    if error is not None:
+        raise error
+    engine = host.engine
+    assert engine is not None
     if not engine.is_alive:
         raise APIError(503, "The inference engine has stopped.", type="server_error", code="engine_dead")
     return JSONResponse({"status": "ok", **engine.stats()})
 
 
-async def healthz(request: Request) -> JSONResponse:
-    """Nitro's liveness probe."""
-    if getattr(request.app.state, "engine", None) is None:
-        raise APIError(503, "The model is not loaded yet.", code="model_not_ready")
-    return JSONResponse({"status": "ok"})
-
-
-def create_app(config: Config, engine: AsyncEngine | None = None) -> Starlette:
-    """An app serving `engine`; without one, the lifespan loads it from `config` and shuts it down at exit.
-
-    A caller-supplied engine stays the caller's to shut down.
+def create_app(config: Config, engine: AsyncEngine | None = None, *, host: ModelHost | None = None) -> Starlette:
+    """An app serving `engine`, or `host`'s model; with neither, the lifespan loads `config.model` (unless it
+    is "none") and shuts it down at exit. A caller-supplied engine or host stays the caller's to shut down.
     """
+    owns_host = host is None
+    if host is None:
+        host = ModelHost(config)
+        if engine is not None:
+            host.install(engine, config, owned=False)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        owned = None
-        if engine is None:
+        if owns_host and host.engine is None and config.model.model != NO_MODEL:
             from nitro_torch.engine.async_engine import AsyncEngine
 
             logger.info("loading model %s", config.model.model)
             # Loading blocks the loop on purpose: uvicorn binds the port only after start-up, so /health
             # answers once the model is ready.
-            owned = AsyncEngine.from_config(config)
-        app.state.engine = engine or owned
+            host.install(AsyncEngine.from_config(config), config, owned=True)
         app.state.started_at = int(time.time())
         try:
             yield
         finally:
-            app.state.engine = None
-            if owned is not None:
-                owned.shutdown()
+            if owns_host:
+                host.close()
 
     routes = [
+        *nitro_api.override_routes,  # before openai_api.routes: /v1/models without a model
         *openai_api.routes,
+        *text_completions.routes,
+        *tokenize_api.routes,
+        *embeddings_api.routes,
+        *nitro_api.routes,
         Route("/health", health, methods=["GET"]),
-        Route("/healthz", healthz, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    middleware = [Middleware(nitro_api.NitroPathCase), Middleware(LeaseMiddleware)]
+    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan, middleware=middleware)
     app.state.config = config
-    app.state.engine = None
+    app.state.host = host
     return app
 
 
 def run_server(config: Config) -> None:
-    """Load the model first (so a bad --model fails fast with a clear message), then serve until stopped."""
+    """Load the model first (so a bad --model fails fast with a clear message), then serve until stopped.
+
+    With `--model none` the server starts empty and waits for POST /inferences/llamacpp/loadmodel, as Nitro did.
+    """
     import uvicorn
 
-    from nitro_torch.engine.async_engine import AsyncEngine
-
     logging.basicConfig(level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = AsyncEngine.from_config(config)
-    try:
+    host = ModelHost(config)
+    if config.model.model != NO_MODEL:
+        from nitro_torch.engine.async_engine import AsyncEngine
+
+        engine = AsyncEngine.from_config(config)
+        host.install(engine, config, owned=True)
         logger.info("serving %s at http://%s:%d/v1 (context %d tokens)", engine.model_name, config.server.host,
                     config.server.port, engine.max_model_len)
+    else:
+        logger.info("no model loaded; load one with POST http://%s:%d/inferences/llamacpp/loadmodel",
+                    config.server.host, config.server.port)
+    try:
         uvicorn.run(
-            create_app(config, engine),
+            create_app(config, host=host),
             host=config.server.host,
             port=config.server.port,
             log_level=config.server.log_level,
             timeout_graceful_shutdown=5,
         )
     finally:
-        engine.shutdown()
+        host.close()

@@ -1,17 +1,71 @@
-"""Chat messages -> prompt token ids through the model's own chat template."""
+"""Chat messages -> prompt token ids: the model's chat template (or --chat-template), else Nitro's prompt prefixes.
+
+Prompt-prefix mode is Nitro's: the prompt starts with `pre_prompt`, a system message is put first behind
+`system_prompt`, user and assistant turns follow behind `user_prompt` / `ai_prompt`, and `ai_prompt` ends it.
+It is used when prefixes are configured (e.g. by Nitro's loadmodel) or when the model has no chat template.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
+from nitro_torch.config import ChatConfig
 from nitro_torch.server.errors import APIError
 from nitro_torch.server.protocol import CHAT_ROLES, ChatMessage
 
 _ROLE_ALIASES = {"developer": "system"}
 TEXT_PART_SEPARATOR = "\n"
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs",
+})
+_MEDIA_PARTS = {"image_url": "images", "input_image": "images", "input_audio": "audio", "file": "files"}
+
+
+@dataclass(frozen=True)
+class PromptPrefixes:
+    """Nitro's defaults (llama.cpp server's USER/ASSISTANT format) for the fields left unset."""
+
+    system_prompt: str = "ASSISTANT's RULE: "
+    user_prompt: str = "USER: "
+    ai_prompt: str = "ASSISTANT: "
+    pre_prompt: str = ""
+
+    @classmethod
+    def from_config(cls, chat: ChatConfig) -> PromptPrefixes:
+        given = {name: getattr(chat, name) for name in ("system_prompt", "user_prompt", "ai_prompt", "pre_prompt")}
+        return cls(**{name: value for name, value in given.items() if value is not None})
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        system = "".join(self.system_prompt + m["content"] for m in messages if m["role"] == "system")
+        turns = [self.pre_prompt]
+        for message in messages:
+            if message["role"] == "user":
+                turns.append(self.user_prompt + message["content"])
+            elif message["role"] == "assistant":
+                turns.append(self.ai_prompt + message["content"])
+            elif message["role"] != "system":
+                turns.append(f"{message['role']}: {message['content']}")
+        if add_generation_prompt:
+            turns.append(self.ai_prompt)
+        return system + "".join(turns)
+
+    @property
+    def stop(self) -> list[str]:
+        """The next user turn ends the answer (Nitro did the same)."""
+        marker = self.user_prompt.strip()
+        return [marker] if marker else []
+
+
+def uses_prompt_prefixes(tokenizer: PreTrainedTokenizerBase, chat: ChatConfig) -> bool:
+    explicit = any(getattr(chat, n) is not None for n in ("system_prompt", "user_prompt", "ai_prompt", "pre_prompt"))
+    return explicit or not getattr(tokenizer, "chat_template", None)
 
 
 def message_text(content: str | list[dict[str, Any]] | None, index: int) -> str:
@@ -22,9 +76,14 @@ def message_text(content: str | list[dict[str, Any]] | None, index: int) -> str:
         return content
     texts = []
     for part in content:
-        if part.get("type") != "text":
-            raise APIError(400, f"messages[{index}]: content parts of type '{part.get('type')}' are not "
-                                "supported by this text-only model", param="messages", code="invalid_value")
+        kind = part.get("type")
+        if kind in _MEDIA_PARTS:
+            raise APIError(400, f"messages[{index}]: this model does not accept {_MEDIA_PARTS[kind]} "
+                                f"(content part of type '{kind}'); send text parts only.",
+                           param="messages", code="invalid_value")
+        if kind != "text":
+            raise APIError(400, f"messages[{index}]: unknown content part type '{kind}'; this model accepts "
+                                "'text' parts.", param="messages", code="invalid_value")
         texts.append(part["text"])
     return TEXT_PART_SEPARATOR.join(texts)
 
@@ -47,22 +106,63 @@ def to_template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]
     return converted
 
 
-def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage]) -> list[int]:
-    """The templated prompt ending with the assistant's generation prompt, as token ids."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise APIError(500, "The loaded model has no chat template, so it cannot serve chat completions.",
-                       type="server_error", code="no_chat_template")
-    try:
-        ids = tokenizer.apply_chat_template(
-            to_template_messages(messages), add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-    except TemplateError as exc:
-        # Templates raise on conversations they refuse (e.g. roles that do not alternate).
-        raise APIError(400, f"The chat template rejected the messages: {exc}", param="messages",
-                       code="invalid_value") from None
-    if hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    ids = list(ids)
-    if ids and isinstance(ids[0], list):
-        ids = ids[0]
-    return [int(token) for token in ids]
+@dataclass(frozen=True)
+class ChatFormatter:
+    """How one loaded model turns conversations into prompts."""
+
+    tokenizer: PreTrainedTokenizerBase
+    prefixes: PromptPrefixes | None = None
+    """Set in prompt-prefix mode; None means the chat template is used."""
+
+    @classmethod
+    def from_config(cls, tokenizer: PreTrainedTokenizerBase, chat: ChatConfig) -> ChatFormatter:
+        return cls(tokenizer, PromptPrefixes.from_config(chat) if uses_prompt_prefixes(tokenizer, chat) else None)
+
+    @property
+    def extra_stop(self) -> list[str]:
+        return self.prefixes.stop if self.prefixes else []
+
+    def prompt_ids(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+                   continue_final_message: bool = False, tools: list[dict[str, Any]] | None = None,
+                   template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        """Token ids of the conversation, ending with the assistant's generation prompt (or its open message)."""
+        if continue_final_message and (add_generation_prompt or not messages or messages[-1]["role"] != "assistant"):
+            raise APIError(400, "'continue_final_message' needs a final assistant message and "
+                                "'add_generation_prompt': false.", param="continue_final_message",
+                           code="invalid_value")
+        reserved = sorted(_RESERVED_TEMPLATE_KWARGS.intersection(template_kwargs or {}))
+        if reserved:
+            raise APIError(400, f"'chat_template_kwargs' may not set {', '.join(reserved)}; use the request fields.",
+                           param="chat_template_kwargs", code="invalid_value")
+        if self.prefixes is not None:
+            if tools:
+                raise APIError(400, "This model has no chat template, so it cannot be given tools.", param="tools",
+                               code="invalid_value")
+            text = self.prefixes.render(messages, add_generation_prompt)
+            return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, tokenize=True, return_dict=False,
+                **(template_kwargs or {}),
+            )
+        except TemplateError as exc:
+            # Templates raise on conversations they refuse (e.g. roles that do not alternate).
+            raise APIError(400, f"The chat template rejected the messages: {exc}", param="messages",
+                           code="invalid_value") from None
+        except (TypeError, ValueError) as exc:
+            raise APIError(400, f"The chat template could not render the request: {exc}", param="messages",
+                           code="invalid_value") from None
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        ids = list(ids)
+        if ids and isinstance(ids[0], list):
+            ids = ids[0]
+        return [int(token) for token in ids]
+
+
+def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage],
+                     chat: ChatConfig | None = None) -> list[int]:
+    """The conversation as the model's prompt, ending with the assistant's generation prompt."""
+    formatter = ChatFormatter.from_config(tokenizer, chat or ChatConfig())
+    return formatter.prompt_ids(to_template_messages(messages))

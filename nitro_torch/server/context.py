@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, TypeVar
+import logging
+import weakref
+from collections.abc import AsyncIterator, Awaitable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
 
+from nitro_torch.sampling import SamplingParams, SamplingParamsError
+from nitro_torch.server.chat_template import ChatFormatter
 from nitro_torch.server.errors import APIError, invalid_json_error, validation_error
 from nitro_torch.server.logprobs import TokenTexts
+from nitro_torch.server.model_host import lease_holder
+from nitro_torch.server.streaming import SSEResponse
 
 if TYPE_CHECKING:
     from nitro_torch.engine.async_engine import AsyncEngine
+
+logger = logging.getLogger("nitro_torch.server")
 
 _T = TypeVar("_T")
 _Body = TypeVar("_Body", bound=BaseModel)
@@ -26,11 +35,26 @@ class ClientDisconnected(Exception):
 
 
 def get_engine(request: Request) -> AsyncEngine:
-    """The engine serving requests now; 503 while no model is loaded."""
-    engine = getattr(request.app.state, "engine", None)
-    if engine is None:
-        raise APIError(503, "The model is not loaded yet.", code="model_not_ready")
-    return engine
+    """The engine serving this request, leased from the app's ModelHost until the response is fully sent
+    (so a model switch waits for it). The same engine for every call within one request.
+
+    503 `model_not_loaded` while no model is loaded, 503 `model_switching` (+ Retry-After) during a switch.
+    """
+    holder = lease_holder(request)
+    if holder is not None and holder.lease is not None:
+        return holder.lease.engine
+    host = getattr(request.app.state, "host", None)
+    if host is None:  # an app built without a ModelHost
+        engine = getattr(request.app.state, "engine", None)
+        if engine is None:
+            raise APIError(503, "No model is loaded.", code="model_not_loaded")
+        return engine
+    lease = host.acquire()
+    if holder is None:  # no LeaseMiddleware to release it later: do not count this request
+        lease.release()
+    else:
+        holder.lease = lease
+    return lease.engine
 
 
 def token_texts(request: Request, engine: AsyncEngine) -> TokenTexts:
@@ -85,3 +109,58 @@ async def until_disconnect(request: Request, work: Awaitable[_T]) -> _T:
     if work_task.cancelled():
         raise ClientDisconnected()
     return work_task.result()
+
+
+_formatters: weakref.WeakKeyDictionary[Any, ChatFormatter] = weakref.WeakKeyDictionary()
+
+
+def chat_formatter(engine: AsyncEngine) -> ChatFormatter:
+    """How the engine's model turns conversations into prompts (its template, or Nitro's prompt prefixes)."""
+    formatter = _formatters.get(engine)
+    if formatter is None:
+        formatter = _formatters[engine] = ChatFormatter.from_config(engine.tokenizer, engine.engine.config.chat)
+    return formatter
+
+
+def check_model_name(request: Request, engine: AsyncEngine, requested: str | None) -> None:
+    """`model` may be empty (Nitro clients send "") or name the loaded model (its served name or --model value).
+
+    A model loaded through Nitro's loadmodel answers to any name, as Nitro did: its clients use their own ids.
+    """
+    if not requested:
+        return
+    host = getattr(request.app.state, "host", None)
+    if host is not None and host.serving is not None and host.serving.any_model_name:
+        return
+    known = {engine.model_name, engine.engine.config.model.model}
+    if requested not in known:
+        raise APIError(404, f"The model '{requested}' does not exist; this server serves '{engine.model_name}'.",
+                       type="invalid_request_error", param="model", code="model_not_found")
+
+
+def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
+    for param, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+        unknown = [t for t in ids if t >= vocab_size]
+        if unknown:
+            raise SamplingParamsError(param, f"'{param}' names token id {unknown[0]}, but the vocabulary has "
+                                             f"{vocab_size} tokens")
+
+
+class Generation(Protocol):
+    id: str
+
+    def stream(self) -> AsyncIterator[bytes]: ...
+
+    async def collect(self) -> BaseModel: ...
+
+
+async def respond(request: Request, generation: Generation, stream: bool) -> Response:
+    """SSE when `stream`, else the whole answer; a client that leaves early aborts the generation."""
+    if stream:
+        return SSEResponse(generation.stream())
+    try:
+        result = await until_disconnect(request, generation.collect())
+    except ClientDisconnected:
+        logger.info("client disconnected; aborted %s", generation.id)
+        return Response(status_code=499)
+    return JSONResponse(result.model_dump())

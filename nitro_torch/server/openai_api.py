@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 
 from starlette.requests import Request
@@ -10,42 +9,59 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from nitro_torch.engine.engine import check_context_length
-from nitro_torch.sampling import SamplingParams, SamplingParamsError
-from nitro_torch.server.chat_template import prompt_token_ids
+from nitro_torch.sampling import SamplingParamsError
+from nitro_torch.server.chat_template import to_template_messages
 from nitro_torch.server.completion import Completion
-from nitro_torch.server.context import ClientDisconnected, get_engine, parse_body, token_texts, until_disconnect
+from nitro_torch.server.context import (
+    chat_formatter,
+    check_model_name,
+    check_token_ids,
+    get_engine,
+    parse_body,
+    respond,
+    token_texts,
+)
 from nitro_torch.server.errors import APIError
 from nitro_torch.server.protocol import ChatCompletionRequest, ModelCard, ModelList
-from nitro_torch.server.streaming import SSEResponse
-
-logger = logging.getLogger("nitro_torch.server")
-
-
-def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
-    for param, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
-        unknown = [t for t in ids if t >= vocab_size]
-        if unknown:
-            raise SamplingParamsError(param, f"'{param}' names token id {unknown[0]}, but the vocabulary has "
-                                             f"{vocab_size} tokens")
+from nitro_torch.server.tools import (
+    ToolCallStreamParser,
+    check_tools_supported,
+    template_messages_for_tools,
+    template_tools,
+    tool_choice_guidance,
+)
 
 
 async def chat_completions(request: Request) -> Response:
     engine = get_engine(request)
     body = await parse_body(request, ChatCompletionRequest)
+    check_model_name(request, engine, body.model)
     params = body.to_sampling_params()  # SamplingParamsError and ContextLengthExceeded become 400s in errors.py
     check_token_ids(params, len(engine.tokenizer))
-    prompt_ids = prompt_token_ids(engine.tokenizer, body.messages)
+    formatter = chat_formatter(engine)
+    tool_choice = body.resolved_tool_choice()
+    tools = template_tools(body.tools, tool_choice)
+    if tools is not None:
+        check_tools_supported(engine.tokenizer)
+        if params.guided is not None and tool_choice.forced:
+            raise SamplingParamsError("response_format", "'response_format' cannot be combined with a forced "
+                                                         "'tool_choice'; the tool's parameters define the output")
+        params.guided = tool_choice_guidance(engine.tokenizer, body.tools, tool_choice, body.parallel_tool_calls) \
+            or params.guided
+    prompt_ids = formatter.prompt_ids(
+        template_messages_for_tools(to_template_messages(body.messages)),
+        tools=tools,
+        add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message,
+        template_kwargs=body.chat_template_kwargs,
+    )
+    params.stop.extend(s for s in formatter.extra_stop if s not in params.stop)
     check_context_length(len(prompt_ids), params.max_tokens, engine.max_model_len)
-    completion = Completion(engine, token_texts(request, engine), prompt_ids, params,
-                            include_usage=body.include_usage)
-    if body.stream:
-        return SSEResponse(completion.stream())
-    try:
-        result = await until_disconnect(request, completion.collect())
-    except ClientDisconnected:
-        logger.info("client disconnected; aborted %s", completion.id)
-        return Response(status_code=499)
-    return JSONResponse(result.model_dump())
+    await engine.prepare(params)
+    completion = Completion(engine, token_texts(request, engine), prompt_ids, params, n=body.num_choices,
+                            include_usage=body.include_usage, continuous_usage=body.continuous_usage,
+                            parser_factory=(lambda: ToolCallStreamParser(engine.tokenizer)) if tools else None)
+    return await respond(request, completion, bool(body.stream))
 
 
 async def list_models(request: Request) -> JSONResponse:

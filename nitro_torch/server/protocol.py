@@ -4,18 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_serializer
 
 from nitro_torch.sampling import SamplingParams, SamplingParamsError
+from nitro_torch.server.response_format import guided_decoding
+from nitro_torch.server.sampling_fields import SamplingFields, _Lenient
+from nitro_torch.server.tools import ToolFields
 
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
-SEED_RANGE = (-(2**63), 2**64 - 1)
-
-
-class _Lenient(BaseModel):
-    """Unknown fields are ignored, as OpenAI does."""
-
-    model_config = ConfigDict(extra="ignore")
 
 
 class ChatMessage(_Lenient):
@@ -41,49 +37,27 @@ class ChatMessage(_Lenient):
         return value
 
 
-class StreamOptions(_Lenient):
-    include_usage: bool | None = False
-
-
-class ChatCompletionRequest(_Lenient):
-    model: str | None = ""
+class ChatCompletionRequest(ToolFields, SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    logit_bias: dict[str, float] | None = None
-    ignore_eos: bool | None = False
-    min_tokens: int | None = 0
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    include_stop_str_in_output: bool | None = False
-    skip_special_tokens: bool | None = True
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-    n: int | None = 1
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_is_string_or_list(cls, value: Any) -> Any:
-        if value is None or isinstance(value, str):
-            return value
-        if isinstance(value, list) and all(isinstance(item, str) for item in value):
-            return value
-        raise ValueError("stop must be a string or a list of strings")
-
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+    response_format: Any = None
+    """Structured outputs (validated in response_format.py), with vLLM's extras below."""
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    functions: Any = None
+    function_call: Any = None
+    web_search_options: Any = None
 
     @property
     def requested_max_tokens(self) -> tuple[str, int | None]:
@@ -93,56 +67,31 @@ class ChatCompletionRequest(_Lenient):
         return "max_tokens", self.max_tokens
 
     def check_supported(self) -> None:
-        if self.n is not None and self.n != 1:
-            message = "n > 1 is not supported yet" if self.n > 1 else "'n' must be at least 1"
-            raise SamplingParamsError("n", message)
-        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
-            raise SamplingParamsError("seed", "'seed' must fit in 64 bits")
+        for param, refused, why in (
+            ("modalities", self.modalities not in (None, ["text"]), "this model only produces text"),
+            ("audio", self.audio is not None, "this model does not produce audio"),
+            ("functions", self.functions is not None, "'functions' is deprecated; send 'tools' instead"),
+            ("function_call", self.function_call is not None,
+             "'function_call' is deprecated; send 'tool_choice' instead"),
+            ("web_search_options", self.web_search_options is not None, "web search is not available"),
+        ):
+            if refused:
+                raise SamplingParamsError(param, why)
         if self.top_logprobs and not self.logprobs:
             raise SamplingParamsError("top_logprobs", "'top_logprobs' requires 'logprobs' to be true")
-
-    def token_biases(self) -> dict[int, float]:
-        """OpenAI sends token ids as JSON object keys, i.e. strings."""
-        biases: dict[int, float] = {}
-        for key, bias in (self.logit_bias or {}).items():
-            try:
-                biases[int(key)] = float(bias)
-            except ValueError:
-                raise SamplingParamsError("logit_bias", f"'logit_bias' keys must be token ids, not {key!r}") from None
-        return biases
 
     def to_sampling_params(self) -> SamplingParams:
         self.check_supported()
         max_tokens_param, max_tokens = self.requested_max_tokens
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         try:
-            return SamplingParams(
-                max_tokens=max_tokens,
-                temperature=_or(self.temperature, 1.0),
-                top_p=_or(self.top_p, 1.0),
-                top_k=_or(self.top_k, 0),
-                min_p=_or(self.min_p, 0.0),
-                seed=self.seed,
-                presence_penalty=_or(self.presence_penalty, 0.0),
-                frequency_penalty=_or(self.frequency_penalty, 0.0),
-                repetition_penalty=_or(self.repetition_penalty, 1.0),
-                stop=stop,
-                stop_token_ids=list(self.stop_token_ids or []),
-                ignore_eos=bool(self.ignore_eos),
-                min_tokens=_or(self.min_tokens, 0),
-                logprobs=_or(self.top_logprobs, 0) if self.logprobs else None,
-                include_stop_str_in_output=bool(self.include_stop_str_in_output),
-                skip_special_tokens=_or(self.skip_special_tokens, True),
-                logit_bias=self.token_biases(),
-            )
+            params = self.sampling_params(max_tokens, logprobs=(self.top_logprobs or 0) if self.logprobs else None)
         except SamplingParamsError as exc:
             if exc.param == "max_tokens" and max_tokens_param != "max_tokens":
                 raise SamplingParamsError(max_tokens_param, str(exc).replace("max_tokens", max_tokens_param)) from None
             raise
-
-
-def _or(value: Any, default: Any) -> Any:
-    return default if value is None else value
+        params.guided = guided_decoding(self.response_format, self.guided_json, self.guided_regex,
+                                        self.guided_choice, self.guided_grammar, self.structured_outputs)
+        return params
 
 
 # ---- responses -----------------------------------------------------------------------------------------
@@ -162,20 +111,35 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprobEntry] | None
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache (or from another choice of the same request)."""
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> Usage:
+        details = PromptTokensDetails(cached_tokens=cached_tokens) if cached_tokens is not None else None
         return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+                   total_tokens=prompt_tokens + completion_tokens, prompt_tokens_details=details)
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_tool_calls(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatCompletionChoice(BaseModel):
@@ -197,7 +161,7 @@ class ChatCompletionResponse(BaseModel):
 
 class ChatCompletionChunkChoice(BaseModel):
     index: int = 0
-    delta: dict[str, str]
+    delta: dict[str, Any]
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
 

@@ -10,6 +10,11 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 DONE_EVENT = b"data: [DONE]\n\n"
+INTERNAL_ERROR_EVENT = (
+    b'data: {"error":{"message":"The server had an error while processing your request.",'
+    b'"type":"server_error","param":null,"code":"internal_error"}}\n\n'
+)
+"""Sent when a stream fails after its headers went out: the error can only travel as an event."""
 
 
 def sse_event(payload: dict[str, Any]) -> bytes:

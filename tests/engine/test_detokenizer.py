@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import json
+
 import pytest
-from tokenizers import Tokenizer, decoders, models
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from nitro_torch.engine.detokenizer import IncrementalDetokenizer
 from nitro_torch.sampling import SamplingParams
@@ -10,8 +12,9 @@ PROMPT = [1, 2, 3]
 MULTIBYTE_TEXT = "héllo 😀👍🏽 你好世界, naïve café — 日本語のテキスト 🚀🎉!"
 
 
-def stream(tokenizer, token_ids: list[int], **params) -> tuple[list[str], IncrementalDetokenizer]:
-    detokenizer = IncrementalDetokenizer(tokenizer, PROMPT, SamplingParams(**params))
+def stream(tokenizer, token_ids: list[int], prompt: list[int] = PROMPT,
+           **params) -> tuple[list[str], IncrementalDetokenizer]:
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt, SamplingParams(**params))
     pieces = []
     for token_id in token_ids:
         pieces.append(detokenizer.add(token_id))
@@ -33,6 +36,34 @@ def sentencepiece_tokenizer():
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>")
+
+
+LLAMA_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Once upon a time there was a little fox who lived in the woods.",
+    "Hello world! The weather is lovely today, said the dog to the fox.",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def trained_llama_tokenizer():
+    """A Llama-style tokenizer trained here: '▁' word markers (Metaspace), BPE with byte fallback and
+    Llama's decoder, which strips the first space of the text it decodes."""
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    backend.train_from_iterator(LLAMA_CORPUS, trainer)
+    spec = json.loads(backend.to_str())  # byte-fallback pieces are ordinary vocabulary entries, as in Llama
+    vocab = spec["model"]["vocab"]
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
 
 
 def byte_tokens(text: str) -> list[int]:
@@ -77,11 +108,13 @@ def test_stop_token_ids_are_not_rendered(smol_tokenizer):
 
 def test_sentencepiece_leading_spaces_and_byte_fallback(sentencepiece_tokenizer):
     ids = [2, 3, 4, 1, 3, *byte_tokens("你😀"), 2, 6]
-    for skip in (True, False):
-        pieces, _ = stream(sentencepiece_tokenizer, ids, skip_special_tokens=skip)
-        assert "".join(pieces) == sentencepiece_tokenizer.decode(ids, skip_special_tokens=skip)
-        assert not any("\ufffd" in piece for piece in pieces)
-    assert "".join(stream(sentencepiece_tokenizer, ids)[0]) == "Hello world! world你😀 Hellolo"
+    eos_only = [1]  # a prompt with no rendered text: the output is the start of the text
+    pieces, _ = stream(sentencepiece_tokenizer, ids, prompt=eos_only)
+    expected = "Hello world! world你😀 Hellolo"
+    assert "".join(pieces) == sentencepiece_tokenizer.decode(ids, skip_special_tokens=True) == expected
+    assert not any("\ufffd" in piece for piece in pieces)
+    pieces, _ = stream(sentencepiece_tokenizer, ids, prompt=[], skip_special_tokens=False)
+    assert "".join(pieces) == sentencepiece_tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def test_stop_string_across_tokens_is_never_emitted(smol_tokenizer):
@@ -151,3 +184,51 @@ def test_decoding_cost_does_not_grow_with_the_output(smol_tokenizer):
     pieces, _ = stream(recorder, ids)
     assert "".join(pieces) == smol_tokenizer.decode(ids)
     assert max(recorder.window_sizes) <= 6
+
+
+def split_after(tokenizer, text: str, prompt_text: str) -> tuple[list[int], list[int]]:
+    """`text` tokenized as a whole, cut where the tokens of `prompt_text` end."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    for cut in range(len(ids) + 1):
+        if tokenizer.decode(ids[:cut]) == prompt_text:
+            return ids[:cut], ids[cut:]
+    raise AssertionError(f"{prompt_text!r} does not end on a token boundary of {text!r}")
+
+
+def test_completion_keeps_its_leading_space_with_a_llama_tokenizer(trained_llama_tokenizer):
+    tokenizer = trained_llama_tokenizer
+    text = "The quick brown fox jumps over the lazy dog. 你好 😀!"
+    prompt, output = split_after(tokenizer, text, "The quick brown fox jumps")
+    assert tokenizer.convert_ids_to_tokens(output[0]).startswith("▁")
+    assert tokenizer.decode(output) == "over the lazy dog. 你好 😀!"  # what decoding the output alone loses
+    bos = [tokenizer.bos_token_id]
+    pieces, detokenizer = stream(tokenizer, output, prompt=bos + prompt)
+    assert "".join(pieces) == detokenizer.output_text == " over the lazy dog. 你好 😀!"
+    assert not any("\ufffd" in piece for piece in pieces)
+    # Nothing but special tokens before it: the output is the start of the text, as Llama decodes it.
+    assert "".join(stream(tokenizer, output, prompt=bos)[0]) == "over the lazy dog. 你好 😀!"
+
+
+def test_prompt_context_with_stop_strings_and_long_prompts(trained_llama_tokenizer):
+    tokenizer = trained_llama_tokenizer
+    long_prompt = "Once upon a time there was a little fox who lived in the woods. " * 3 + "Hello"
+    prompt, output = split_after(tokenizer, long_prompt + " world! The weather is lovely", long_prompt)
+    recorder = DecodeRecorder(tokenizer)
+    pieces, detokenizer = stream(recorder, output, prompt=prompt, stop=["weather"])
+    assert detokenizer.stopped and "".join(pieces) == " world! The "
+    assert max(recorder.window_sizes) <= 8  # a few prompt tokens, not the whole prompt
+
+
+def test_prompt_ending_mid_word_with_smollm2(smol_tokenizer):
+    prompt = smol_tokenizer.encode("Once upon a ti")  # tokenized alone, as a completions prompt is
+    output = smol_tokenizer.encode("me, in a land far away")
+    pieces, _ = stream(smol_tokenizer, output, prompt=prompt)
+    assert "".join(pieces) == "me, in a land far away"
+
+
+def test_prompt_ending_mid_character_does_not_swallow_text(smol_tokenizer):
+    ids = smol_tokenizer.encode("ok 😀 done")
+    split = next(i for i in range(1, len(ids)) if "\ufffd" in smol_tokenizer.decode(ids[:i]))
+    pieces, _ = stream(smol_tokenizer, ids[split:], prompt=ids[:split])
+    text = "".join(pieces)
+    assert text.endswith(" done") and text == smol_tokenizer.decode(ids[split:])

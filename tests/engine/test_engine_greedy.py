@@ -106,3 +106,20 @@ def test_prefix_cache_reuses_shared_system_prompt(engine: LLMEngine) -> None:
     uncached = make_engine(max_num_seqs=4, prefix_caching=False)
     assert uncached.generate(prompts, greedy(12)) == first + second
     assert uncached.stats()["prefix_cache_hit_tokens"] == 0
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_forked_choices_share_one_prefill_and_match_hf(prompts: list[list[int]], expected: list[list[int]],
+                                                      prefix_caching: bool) -> None:
+    engine = make_engine(max_num_seqs=8, prefix_caching=prefix_caching)
+    computed: list[int] = []
+    execute = engine.runner.execute
+    engine.runner.execute = lambda plan: (computed.append(plan.num_tokens), execute(plan))[1]
+    prompt, n = prompts[2], MAX_TOKENS[2]
+    parent = engine.add_request("choice-0", prompt, greedy(n))
+    children = [engine.add_request(f"choice-{i}", prompt, greedy(n), parent_id="choice-0") for i in (1, 2)]
+    while engine.has_unfinished_requests:
+        engine.step()
+    assert [r.output_token_ids for r in (parent, *children)] == [expected[2]] * 3
+    assert sum(computed) == len(prompt) + 2 + 3 * (len(expected[2]) - 1)
+    assert engine.stats()["kv_blocks_used"] == 0

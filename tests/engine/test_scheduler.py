@@ -97,9 +97,11 @@ def check_invariants(sched: Scheduler) -> None:
     for block in bm.blocks:
         n = sum(t.count(block.block_id) for t in tables)
         assert block.ref_count == n
-        if n > 1:  # only a cached prefix block may be shared, at the same position everywhere
-            assert block.key is not None
+        if n > 1:  # a shared block is full and computed in every table, at the same position everywhere
             assert len(owners[block.block_id]) == 1
+            (pos,) = owners[block.block_id]
+            assert all((pos + 1) * BS <= r.num_computed_tokens
+                       for r in sched.running if block.block_id in r.block_ids)
     assert set(bm._free) == {b.block_id for b in bm.blocks if b.ref_count == 0}
     for r in sched.waiting:
         assert r.status is RequestStatus.WAITING and r.block_ids == [] and r.num_computed_tokens == 0
@@ -111,7 +113,7 @@ def check_invariants(sched: Scheduler) -> None:
 
 def assert_all_free(sched: Scheduler) -> None:
     bm = sched.block_manager
-    assert not sched.running and not sched.waiting
+    assert not sched.running and not sched.waiting and not sched.forks_waiting
     assert bm.num_free_blocks == bm.num_blocks and bm.num_used_blocks == 0
     assert all(b.ref_count == 0 for b in bm.blocks)
 

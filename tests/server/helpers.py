@@ -64,3 +64,10 @@ def is_idle(stats: dict) -> bool:
 def wait_until_idle(engine: AsyncEngine, timeout_s: float = 10.0) -> dict:
     wait_until(lambda: is_idle(engine.stats()), timeout_s)
     return engine.stats()
+
+
+def token_counts(usage) -> tuple[int, int, int]:
+    """(prompt, completion, total) of a usage dict or client object; cached_tokens depends on earlier requests."""
+    if not isinstance(usage, dict):
+        usage = usage.model_dump()
+    return usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]

@@ -57,8 +57,7 @@ def test_refused_messages_point_at_messages(tokenizer, raw):
     assert info.value.status == 400 and info.value.param == "messages"
 
 
-def test_a_model_without_template_is_a_clear_server_error(tokenizer, monkeypatch):
+def test_a_model_without_template_falls_back_to_nitro_prefixes(tokenizer, monkeypatch):
     monkeypatch.setattr(tokenizer, "chat_template", None)
-    with pytest.raises(APIError) as info:
-        prompt_token_ids(tokenizer, messages([{"role": "user", "content": "hi"}]))
-    assert info.value.status == 500 and info.value.code == "no_chat_template"
+    ids = prompt_token_ids(tokenizer, messages([{"role": "user", "content": "hi"}]))
+    assert tokenizer.decode(ids) == "USER: hiASSISTANT: "

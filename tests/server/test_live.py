@@ -9,6 +9,8 @@ import httpx
 import openai
 import pytest
 
+from .helpers import token_counts
+
 pytestmark = pytest.mark.slow
 
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -74,7 +76,7 @@ def test_nitro_examples_with_exact_usage(client, tokenizer, messages):
         assert "".join(t.token for t in tokens) == choice.message.content
     plain = greedy(client, messages)
     assert plain.choices[0].message.content == choice.message.content
-    assert plain.usage == usage
+    assert token_counts(plain.usage) == token_counts(usage)
 
 
 def test_raw_nitro_requests(live_server):
@@ -94,7 +96,7 @@ def test_streaming_equals_non_streaming(client):
     assert text == plain.choices[0].message.content
     finals = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason]
     assert finals == [plain.choices[0].finish_reason]
-    assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage
+    assert chunks[-1].choices == [] and token_counts(chunks[-1].usage) == token_counts(plain.usage)
 
 
 def test_concurrent_requests_match_sequential(live_server, client):
@@ -118,7 +120,7 @@ def test_concurrent_requests_match_sequential(live_server, client):
     ({"messages": []}, "messages", None),
     ({"model": ""}, "messages", None),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages", None),
-    ({"messages": HELLO, "n": 2}, "n", None),
+    ({"messages": HELLO, "n": 0}, "n", None),
     ({"messages": HELLO, "temperature": "hot"}, "temperature", None),
     ({"messages": HELLO, "max_tokens": 10**6}, "messages", "context_length_exceeded"),
     ({"messages": [{"role": "user", "content": "hello " * 2100}]}, "messages", "context_length_exceeded"),

@@ -53,7 +53,7 @@ def test_max_completion_tokens_wins_and_names_itself_in_errors():
 
 
 @pytest.mark.parametrize("fields, param", [
-    ({"n": 2}, "n"), ({"n": 0}, "n"), ({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"),
+    ({"n": 65}, "n"), ({"n": 0}, "n"), ({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"),
     ({"seed": 2**70}, "seed"), ({"top_logprobs": 2}, "top_logprobs"),
     ({"logprobs": True, "top_logprobs": 50}, "top_logprobs"), ({"stop": [""]}, "stop"),
 ])
@@ -63,9 +63,8 @@ def test_out_of_range_values_name_their_param(fields, param):
     assert info.value.param == param
 
 
-def test_n_greater_than_one_message():
-    with pytest.raises(SamplingParamsError, match="n > 1 is not supported yet"):
-        parse(n=3).to_sampling_params()
+def test_n_up_to_the_limit_is_accepted():
+    assert parse(n=64).num_choices == 64
 
 
 def test_extra_fields_and_nulls_are_tolerated():

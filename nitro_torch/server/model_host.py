@@ -1,0 +1,369 @@
+"""ModelHost: owns the serving AsyncEngine (or none) and swaps it while the server stays up.
+
+A switch keeps the previous model serving as long as it can:
+  1. LOADING    the new weights load in a worker thread (onto the CPU when the target is a GPU, so the old
+                engine keeps its GPU memory); the old engine still serves. A failure here changes nothing.
+  2. SWITCHING  new requests get 503 `model_switching` (+ Retry-After); the old engine drains (every lease
+                released, no live engine request) and is shut down, its memory freed.
+  3.            the new weights move to the device, the engine (KV cache) is built and warmed up. If that
+                fails, the old model is reloaded from its config (from disk: its memory was already freed).
+
+Every request that uses the engine holds a `Lease` from `acquire()` until its response is fully sent
+(streams included): `LeaseMiddleware` releases it, `context.get_engine` takes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gc
+import logging
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from nitro_torch.config import Config
+from nitro_torch.server.errors import APIError
+
+if TYPE_CHECKING:
+    from nitro_torch.engine.async_engine import AsyncEngine
+    from nitro_torch.models.loader import LoadedModel
+
+logger = logging.getLogger("nitro_torch.server")
+
+NO_MODEL = "none"
+"""`--model none`: start without a model and wait for POST /inferences/llamacpp/loadmodel (as Nitro did)."""
+LOAD_ROUTE = "POST /inferences/llamacpp/loadmodel"
+_LEASE_SCOPE_KEY = "nitro_torch.lease"
+_DRAIN_POLL_S = 0.05
+
+
+class HostState(str, Enum):
+    EMPTY = "empty"  # no model
+    READY = "ready"  # serving
+    LOADING = "loading"  # new weights loading; the current model (if any) still serves
+    SWITCHING = "switching"  # draining the old engine / starting the new one: new requests are turned away
+    UNLOADING = "unloading"  # draining before an unload
+
+
+class RetryLaterError(APIError):
+    """503 with a Retry-After header: the model is being switched."""
+
+    def __init__(self, message: str, code: str, retry_after_s: int) -> None:
+        super().__init__(503, message, code=code)
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        return super().response({**self.headers, **(headers or {})})
+
+
+class ModelLoadError(Exception):
+    """A load failed; `cause` is why. `serving` names the model serving afterwards (None: no model)."""
+
+    def __init__(self, cause: BaseException, phase: str, serving: str | None, restored: bool = False) -> None:
+        super().__init__(f"{phase}: {type(cause).__name__}")
+        self.cause = cause
+        self.phase = phase  # "load" (old model untouched) or "start" (old engine already shut down)
+        self.serving = serving
+        self.restored = restored  # the previous model was reloaded after the new one failed to start
+
+
+@dataclass
+class Serving:
+    """One installed engine and what it was started with."""
+
+    engine: AsyncEngine
+    config: Config
+    owned: bool  # shut down by the host when replaced or closed
+    embedding: bool = True
+    any_model_name: bool = False
+    """Loaded through Nitro's loadmodel, whose clients name models their own way (Nitro ignored `model`)."""
+    loaded_at: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    leases: int = 0
+
+    @property
+    def idle(self) -> bool:
+        return self.leases == 0 and self.engine.num_live_requests == 0
+
+
+class Lease:
+    """A request's claim on one engine: the engine is not shut down (short of the drain timeout) before release."""
+
+    def __init__(self, serving: Serving) -> None:
+        self.serving = serving
+        self.engine = serving.engine
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.serving.leases -= 1
+
+
+class LeaseHolder:
+    """Put in each HTTP request's scope by LeaseMiddleware; `get_engine` fills it on first use."""
+
+    def __init__(self) -> None:
+        self.lease: Lease | None = None
+
+    def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+
+
+class LeaseMiddleware:
+    """Releases a request's lease once the app is done with it: after the last byte of a stream, on errors too."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        holder = scope[_LEASE_SCOPE_KEY] = LeaseHolder()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            holder.release()
+
+
+def lease_holder(request: Request) -> LeaseHolder | None:
+    return request.scope.get(_LEASE_SCOPE_KEY)
+
+
+def get_host(request: Request) -> ModelHost:
+    return request.app.state.host
+
+
+class ModelHost:
+    def __init__(self, base_config: Config, *, drain_timeout_s: float = 120.0, retry_after_s: int = 5) -> None:
+        self.base_config = base_config  # the start-up configuration; loads override its model fields
+        self.drain_timeout_s = drain_timeout_s
+        self.retry_after_s = retry_after_s
+        self.serving: Serving | None = None
+        self.state = HostState.EMPTY
+        self._switch: asyncio.Future[Any] | None = None
+
+    # what routes see ------------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> AsyncEngine | None:
+        """The installed engine, also while it drains (None when no model is loaded)."""
+        return self.serving.engine if self.serving else None
+
+    @property
+    def busy(self) -> bool:
+        return self.state in (HostState.LOADING, HostState.SWITCHING, HostState.UNLOADING)
+
+    @property
+    def in_flight(self) -> int:
+        return self.serving.leases if self.serving else 0
+
+    def unavailable_error(self) -> APIError | None:
+        """Why a new request cannot have the engine now, or None when it can."""
+        if self.state in (HostState.SWITCHING, HostState.UNLOADING) or (self.serving is None and self.busy):
+            doing = "unloaded" if self.state == HostState.UNLOADING else "switched"
+            return RetryLaterError(f"The model is being {doing}; retry in a few seconds.", "model_switching",
+                                   self.retry_after_s)
+        if self.serving is None:
+            return APIError(503, f"No model is loaded. Load one with {LOAD_ROUTE}.", code="model_not_loaded")
+        return None
+
+    def acquire(self) -> Lease:
+        error = self.unavailable_error()
+        if error is not None:
+            raise error
+        assert self.serving is not None
+        self.serving.leases += 1
+        return Lease(self.serving)
+
+    # installing, loading, unloading ---------------------------------------------------------------
+
+    def install(self, engine: AsyncEngine, config: Config, *, owned: bool, embedding: bool = True) -> None:
+        """Serve an engine that is already running (start-up); only while no model is loaded."""
+        if self.serving is not None or self.busy:
+            raise RuntimeError("a model is already installed")
+        self.serving = Serving(engine, config, owned, embedding)
+        self.state = HostState.READY
+
+    async def load(self, config: Config, *, embedding: bool = True, cpu_threads: int | None = None) -> Serving:
+        """Load `config.model` and serve it instead of the current model; raises ModelLoadError on failure.
+
+        409 if a load or unload is already running. The switch finishes even if the caller is cancelled.
+        """
+        self._begin(HostState.LOADING)
+        self._switch = asyncio.ensure_future(self._load(config, embedding, cpu_threads))
+        return await asyncio.shield(self._switch)
+
+    async def unload(self) -> str:
+        """Drain and shut down the current model; returns its name. 409 when none is loaded."""
+        if self.serving is None and not self.busy:
+            raise APIError(409, "No model is loaded.", code="model_not_loaded")
+        self._begin(HostState.UNLOADING)
+        self._switch = asyncio.ensure_future(self._unload())
+        return await asyncio.shield(self._switch)
+
+    def close(self) -> None:
+        """Shut down the engine the host owns (server exit)."""
+        serving, self.serving = self.serving, None
+        self.state = HostState.EMPTY
+        if serving is not None and serving.owned:
+            serving.engine.shutdown()
+
+    def _begin(self, state: HostState) -> None:
+        if self.busy:
+            raise APIError(409, f"A model {self.state.value.removesuffix('ing')} is already in progress; "
+                                "wait for it to finish.", code="load_in_progress")
+        self.state = state
+
+    def _settle(self) -> None:
+        self.state = HostState.READY if self.serving is not None else HostState.EMPTY
+
+    async def _load(self, config: Config, embedding: bool, cpu_threads: int | None) -> Serving:
+        try:
+            try:
+                staged: LoadedModel | None = await asyncio.to_thread(stage_weights, config)
+            except Exception as exc:
+                raise ModelLoadError(exc, "load", self.engine.model_name if self.engine else None) from exc
+            self.state = HostState.SWITCHING
+            previous = None
+            if self.serving is not None:
+                previous = _Previous.of(self.serving)
+                await self._retire(self.serving)
+            try:
+                engine = await self._start(staged, config, cpu_threads)
+            except Exception as exc:
+                logger.error("starting %s failed", config.model.model, exc_info=exc)
+                staged = None
+                traceback.clear_frames(exc.__traceback__)  # the frames hold the new model: free it first
+                await asyncio.to_thread(free_memory)
+                restored = await self._restore(previous)
+                raise ModelLoadError(exc, "start", restored.engine.model_name if restored else None,
+                                     restored=restored is not None) from None
+            self.serving = Serving(engine, config, owned=True, embedding=embedding, any_model_name=True)
+            logger.info("now serving %s", engine.model_name)
+            return self.serving
+        finally:
+            self._settle()
+
+    async def _start(self, staged: LoadedModel, config: Config, cpu_threads: int | None) -> AsyncEngine:
+        engine = await asyncio.to_thread(start_engine, staged, config, cpu_threads)
+        try:
+            await warm_up(engine)
+        except BaseException:
+            await asyncio.to_thread(engine.shutdown)
+            raise
+        return engine
+
+    async def _unload(self) -> str:
+        try:
+            assert self.serving is not None
+            name = self.serving.engine.model_name
+            await self._retire(self.serving)
+            logger.info("unloaded %s", name)
+            return name
+        finally:
+            self._settle()
+
+    async def _retire(self, serving: Serving) -> None:
+        """Drain (leases and live engine requests), then shut down and free the old engine."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.drain_timeout_s
+        while not serving.idle and loop.time() < deadline:
+            await asyncio.sleep(_DRAIN_POLL_S)
+        if not serving.idle:
+            logger.warning("drain timeout (%.0f s): %d requests on %s end with an error", self.drain_timeout_s,
+                           serving.leases, serving.engine.model_name)
+        self.serving = None
+        if serving.owned:
+            await asyncio.to_thread(serving.engine.shutdown)
+        del serving  # the last reference (for an owned engine), so free_memory can release its weights
+        await asyncio.to_thread(free_memory)
+
+    async def _restore(self, previous: _Previous | None) -> Serving | None:
+        """After the new engine failed to start: serve the previous model again, if there was one."""
+        if previous is None:
+            return None
+        if previous.kept is not None and previous.kept.engine.is_alive:  # the caller's engine: put it back
+            self.serving = previous.kept
+            return self.serving
+        logger.warning("restoring the previous model %s", previous.config.model.model)
+        try:
+            engine = await asyncio.to_thread(start_from_config, previous.config)
+        except Exception:
+            logger.exception("could not restore the previous model; no model is loaded")
+            return None
+        self.serving = Serving(engine, previous.config, owned=True, embedding=previous.embedding)
+        return self.serving
+
+
+@dataclass
+class _Previous:
+    """What a restore needs of a retired model: its engine only when the host never owned (or shut) it."""
+
+    config: Config
+    embedding: bool
+    kept: Serving | None
+
+    @classmethod
+    def of(cls, serving: Serving) -> _Previous:
+        return cls(serving.config, serving.embedding, None if serving.owned else serving)
+
+
+# the blocking work, run in worker threads ---------------------------------------------------------
+
+
+def stage_weights(config: Config) -> LoadedModel:
+    """Model + tokenizer in the target dtype, on the CPU when the target is a GPU (moved in start_engine)."""
+    from nitro_torch.models.loader import load_model, resolve_device, resolve_dtype
+    from nitro_torch.runner.attention import register_paged_attention
+
+    device = resolve_device(config.model.device)
+    dtype = str(resolve_dtype(config.model.dtype, device)).removeprefix("torch.")
+    staging = dataclasses.replace(config.model, device="cpu", dtype=dtype)  # type: ignore[arg-type]
+    return load_model(staging, attn_implementation=register_paged_attention())
+
+
+def start_engine(loaded: LoadedModel, config: Config, cpu_threads: int | None = None) -> AsyncEngine:
+    import torch
+
+    from nitro_torch.engine.async_engine import AsyncEngine
+    from nitro_torch.engine.engine import LLMEngine
+    from nitro_torch.models.loader import resolve_device
+
+    if cpu_threads is not None:
+        torch.set_num_threads(cpu_threads)  # process-wide: it is the server's one model
+    device = resolve_device(config.model.device)
+    if device != loaded.device:
+        loaded.model.to(device)
+        loaded.device = device
+    return AsyncEngine(LLMEngine(loaded, config))
+
+
+def start_from_config(config: Config) -> AsyncEngine:
+    return start_engine(stage_weights(config), config)
+
+
+async def warm_up(engine: AsyncEngine) -> None:
+    """One greedy token, as Nitro's warm-up did: a model whose forward pass fails is caught before it serves."""
+    from nitro_torch.sampling import SamplingParams
+
+    prompt = list(engine.tokenizer.encode("Hello")) or [0]
+    async for _ in engine.generate(f"warmup-{uuid.uuid4().hex}", prompt, SamplingParams(max_tokens=1, temperature=0.0)):
+        pass
+
+
+def free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,92 @@
+"""Fixtures for the tool tests: a tiny random-weight model whose chat template supports tools, and the tools
+they call. Import the fixtures into a test module to use them."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from nitro_torch.config import build_config
+
+WEATHER_PARAMETERS: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        # Enums, booleans and short strings: a random-weight model must finish the arguments within a few tokens.
+        "city": {"type": "string", "enum": ["Paris", "Tokyo", "Lima"]},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        "detailed": {"type": "boolean"},
+        "note": {"type": "string", "maxLength": 6},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+WEATHER_TOOL: dict[str, Any] = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city.", "parameters": WEATHER_PARAMETERS}}
+TIME_TOOL: dict[str, Any] = {"type": "function", "function": {
+    "name": "get_time", "description": "Current time in a timezone.",
+    "parameters": {"type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
+                   "required": ["zone"], "additionalProperties": False}}}
+TOOLS = [WEATHER_TOOL, TIME_TOOL]
+PARAMETERS_BY_NAME = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
+TOOL_ENGINE_OPTIONS = {"device": "cpu", "max_num_seqs": 8, "max_model_len": 2048}
+
+
+@pytest.fixture(scope="session")
+def tool_model_dir(tmp_path_factory, smol_tokenizer) -> str:
+    """A tiny random-weight Llama with SmolLM2's tokenizer and a Hermes-style template that renders tools."""
+    from tests.tiny_models import save_tiny_model
+    from tests.tool_templates import HERMES_TOOL_TEMPLATE
+
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny-tools"), smol_tokenizer,
+                               chat_template=HERMES_TOOL_TEMPLATE))
+
+
+@pytest.fixture(scope="session")
+def tool_engine_config(tool_model_dir):
+    return build_config({"model": tool_model_dir, **TOOL_ENGINE_OPTIONS}, env={})
+
+
+@pytest.fixture(scope="session")
+def tool_async_engine(tool_engine_config) -> Iterator[Any]:
+    from nitro_torch.engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine.from_config(tool_engine_config)
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tool_server_url(tool_engine_config, tool_async_engine) -> Iterator[str]:
+    """uvicorn in a thread over the tool model's engine; yields the API base URL (…/v1)."""
+    import uvicorn
+
+    from nitro_torch.server.app import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(tool_engine_config, tool_async_engine), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "in-process server did not start"
+        assert thread.is_alive(), "in-process server exited"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
