@@ -3,7 +3,6 @@ they call. Import the fixtures into a test module to use them."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -12,6 +11,7 @@ from typing import Any
 import pytest
 
 from nitro_torch.config import build_config
+from tests.server.conftest import free_port
 
 WEATHER_PARAMETERS: dict[str, Any] = {
     "type": "object",
@@ -60,12 +60,6 @@ def tool_async_engine(tool_engine_config) -> Iterator[Any]:
         yield engine
     finally:
         engine.shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
