@@ -61,6 +61,18 @@ class ServerConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "bind address; 0.0.0.0 serves the LAN"})
     port: int = field(default=3928, metadata={"help": "TCP port (Nitro's default)"})
     log_level: Literal["debug", "info", "warning", "error"] = field(default="info", metadata={"help": "log verbosity"})
+    max_queued_requests: int = field(default=1024, metadata={"help": "most requests waiting for the engine; more are 429 with Retry-After (0: no bound)"})
+    max_request_bytes: int = field(default=8 << 20, metadata={"help": "largest request body in bytes; larger is 413 (0: no limit)"})
+    shutdown_timeout: float = field(default=30.0, metadata={"help": "seconds in-flight requests may finish after SIGTERM before the server exits"})
+
+
+@dataclass
+class SecurityConfig:
+    api_key: str | None = field(default=None, repr=False, metadata={"help": "require 'Authorization: Bearer <key>' on every route but /health, /healthz, /ready"})
+    api_key_file: str | None = field(default=None, metadata={"help": "file holding the API key (stripped); instead of --api-key"})
+    metrics_public: bool = field(default=False, metadata={"help": "serve /metrics without the API key"})
+    allowed_origins: str | None = field(default=None, metadata={"help": "CORS: comma-separated origins allowed to call the API from a browser, or '*' (default: CORS off)"})
+    log_prompts: bool = field(default=False, metadata={"help": "log request prompts/messages at INFO (off: logs never hold prompts or outputs)"})
 
 
 @dataclass
@@ -70,6 +82,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def validate(self) -> None:
         if self.cache.block_size < 1 or self.cache.block_size & (self.cache.block_size - 1):
@@ -80,10 +93,23 @@ class Config:
             raise ConfigError("kv_cache_memory must be positive")
         if self.scheduler.max_num_seqs < 1 or self.scheduler.max_num_batched_tokens < 1:
             raise ConfigError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.server.max_queued_requests < 0 or self.server.max_request_bytes < 0 or self.server.shutdown_timeout < 0:
+            raise ConfigError("max_queued_requests, max_request_bytes and shutdown_timeout may not be negative")
         if not 0 < self.server.port < 65536:
             raise ConfigError("port must be in 1..65535")
         if self.chat.chat_template and not Path(self.chat.chat_template).is_file():
             raise ConfigError(f"chat template file not found: {self.chat.chat_template}")
+        if self.security.api_key_file:
+            if self.security.api_key:
+                raise ConfigError("give --api-key or --api-key-file, not both")
+            try:
+                key = Path(self.security.api_key_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read api_key_file {self.security.api_key_file}: {exc.strerror}") from None
+            if not key:
+                raise ConfigError(f"api_key_file {self.security.api_key_file} is empty")
+            self.security.api_key = key
+            self.security.api_key_file = None  # resolved: the key is in api_key now
 
 
 @dataclass(frozen=True)

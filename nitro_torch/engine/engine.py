@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ import torch
 from nitro_torch.config import Config
 from nitro_torch.engine.block_manager import BlockManager
 from nitro_torch.engine.detokenizer import IncrementalDetokenizer
+from nitro_torch.engine.metrics_hooks import RequestMetrics
 from nitro_torch.engine.outputs import FinishReason, RequestOutput, TokenLogprob
 from nitro_torch.engine.request import Request
 from nitro_torch.engine.scheduler import Scheduler
@@ -58,6 +60,8 @@ class LLMEngine:
         self.guided = GuidedDecoder(self.tokenizer, logits_vocab_size(loaded.model), loaded.eos_token_ids,
                                     self.device)
         self._tracked: dict[str, _Tracked] = {}
+        self.request_metrics = RequestMetrics()
+        """Finished requests' token counts and latencies, for the server's /metrics."""
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB)",
             num_blocks, layout.block_size, self.kv_cache.capacity_tokens,
@@ -139,7 +143,11 @@ class LLMEngine:
             {sampling_requests[row] for row in self.guided.accept(grammar, [s.token_id for s in sampled])}
         self.scheduler.update(plan, {r.request_id: s.token_id for r, s in zip(sampling_requests, sampled)})
         outputs = []
+        now = time.monotonic()
         for request, token in zip(sampling_requests, sampled):
+            if request.first_token_time is None:
+                request.first_token_time = now
+            request.last_token_time = now
             tracked = self._tracked.get(request.request_id)
             if tracked is None:
                 continue
@@ -164,7 +172,7 @@ class LLMEngine:
 
     def _output(self, request: Request, text: str, token_ids: list[int],
                 logprobs: list[TokenLogprob] | None) -> RequestOutput:
-        return RequestOutput(
+        output = RequestOutput(
             request_id=request.request_id,
             new_text=text,
             new_token_ids=token_ids,
@@ -175,6 +183,14 @@ class LLMEngine:
             num_cached_tokens=request.num_cached_tokens,
             logprobs=logprobs,
         )
+        if output.finished:
+            output.arrival_time = request.arrival_time
+            output.first_scheduled_time = request.first_scheduled_time
+            output.first_token_time = request.first_token_time
+            output.last_token_time = request.last_token_time
+            output.finished_time = time.monotonic()
+            self.request_metrics.observe(output)
+        return output
 
     # offline use ----------------------------------------------------------------------------------
 

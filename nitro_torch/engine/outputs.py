@@ -32,3 +32,9 @@ class RequestOutput:
     num_cached_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     """One entry per token of `new_token_ids` when the request asked for logprobs."""
+    # timings (time.monotonic), set on the finished output only
+    arrival_time: float | None = None
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None

@@ -25,6 +25,10 @@ class Request:
     max_total_tokens: int = 0
     """Prompt + output length at which the request ends with `length` (context window or max_tokens)."""
     arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
+    """When the scheduler first admitted the request (time.monotonic); queue time = this - arrival_time."""
+    first_token_time: float | None = None
+    last_token_time: float | None = None
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     """Tokens whose K/V are in the cache (prefix hits included)."""

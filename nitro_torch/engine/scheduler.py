@@ -11,6 +11,7 @@ then share its KV blocks and compute only the last prompt token themselves, so t
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -99,6 +100,8 @@ class Scheduler:
         self.block_manager.allocate(child, 1, hit)
         child.num_cached_tokens = hit.num_tokens
         child.status = RequestStatus.RUNNING
+        if child.first_scheduled_time is None:
+            child.first_scheduled_time = time.monotonic()
         self.running.append(child)
         return True
 
@@ -150,6 +153,8 @@ class Scheduler:
             self.block_manager.record_prefix_lookup(request, hit)
             self.block_manager.allocate(request, num_new, hit)
             request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             self.running.append(request)
             plan.scheduled.append(ScheduledRequest(request, num_new, request.num_computed_tokens))
             budget -= num_new

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -16,8 +17,12 @@ from starlette.routing import Route
 
 from nitro_torch.config import Config
 from nitro_torch.server import embeddings_api, nitro_api, openai_api, text_completions, tokenize_api
+from nitro_torch.server import metrics as metrics_api
+from nitro_torch.server.admission import AdmissionMiddleware, ready
 from nitro_torch.server.errors import EXCEPTION_HANDLERS, APIError
 from nitro_torch.server.model_host import NO_MODEL, LeaseMiddleware, ModelHost, get_host
+from nitro_torch.server.request_ids import wrap_outermost
+from nitro_torch.server.security import middleware as security_middleware
 
 if TYPE_CHECKING:
     from nitro_torch.engine.async_engine import AsyncEngine
@@ -58,6 +63,10 @@ def create_app(config: Config, engine: AsyncEngine | None = None, *, host: Model
             # answers once the model is ready.
             host.install(AsyncEngine.from_config(config), config, owned=True)
         app.state.started_at = int(time.time())
+        if getattr(app.state, "drain_on_signal", False):  # run_server: SIGTERM starts draining
+            from nitro_torch.server.draining import watch_signals
+
+            watch_signals(app.state)
         try:
             yield
         finally:
@@ -72,11 +81,19 @@ def create_app(config: Config, engine: AsyncEngine | None = None, *, host: Model
         *embeddings_api.routes,
         *nitro_api.routes,
         Route("/health", health, methods=["GET"]),
+        *metrics_api.routes,
+        Route("/ready", ready, methods=["GET"]),
     ]
-    middleware = [Middleware(nitro_api.NitroPathCase), Middleware(LeaseMiddleware)]
-    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan, middleware=middleware)
+    middleware = [*security_middleware(config),  # CORS, API key, --log-prompts (request ids: outermost, below)
+                  Middleware(AdmissionMiddleware, max_queued_requests=config.server.max_queued_requests,
+                             max_request_bytes=config.server.max_request_bytes),
+                  Middleware(nitro_api.NitroPathCase), Middleware(LeaseMiddleware)]
+    app = wrap_outermost(Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan,
+                                   middleware=middleware))
     app.state.config = config
     app.state.host = host
+    app.state.metrics_registry = metrics_api.create_registry(host)  # GET /metrics, per app
+    app.state.draining = False  # set on SIGTERM/SIGINT under run_server (server/draining.py)
     return app
 
 
@@ -87,7 +104,7 @@ def run_server(config: Config) -> None:
     """
     import uvicorn
 
-    logging.basicConfig(level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
     host = ModelHost(config)
     if config.model.model != NO_MODEL:
         from nitro_torch.engine.async_engine import AsyncEngine
@@ -99,13 +116,15 @@ def run_server(config: Config) -> None:
     else:
         logger.info("no model loaded; load one with POST http://%s:%d/inferences/llamacpp/loadmodel",
                     config.server.host, config.server.port)
+    app = create_app(config, host=host)
+    app.state.drain_on_signal = True
     try:
         uvicorn.run(
-            create_app(config, host=host),
+            app,
             host=config.server.host,
             port=config.server.port,
             log_level=config.server.log_level,
-            timeout_graceful_shutdown=5,
+            timeout_graceful_shutdown=math.ceil(config.server.shutdown_timeout),
         )
     finally:
         host.close()

@@ -1,0 +1,158 @@
+"""Admission control: a bounded queue (429 + Retry-After), a request-body limit (413), and draining (503).
+
+`AdmissionMiddleware` is pure ASGI and sits outermost, so it answers before any body is parsed or tokenized:
+
+* draining (`app.state.draining`, set by run_server as soon as SIGTERM/SIGINT arrives): every new request but
+  the probes (`/health`, `/ready`, `/healthz`, `/metrics`) is 503 `server_draining`; requests already admitted
+  finish undisturbed.
+* `--max-queued-requests`: a generation request (chat / text completions) is admitted only while fewer than
+  that many requests wait for the engine: the engine's `num_waiting` plus the requests this layer admitted that
+  are not in the engine yet (still reading or tokenizing), less the engine's free running slots. Beyond it:
+  429 `too_many_requests` with Retry-After. 0 disables the bound.
+* `--max-request-bytes`: a Content-Length over the limit is 413 at once; a body without (or with a lying)
+  Content-Length is counted while it is read and cut off with 413 as soon as it passes the limit.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from nitro_torch.server.errors import APIError
+
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/inferences/llamacpp/chat_completion"})
+"""Routes that queue work in the engine (matched case-insensitively, as Nitro's paths are)."""
+PROBE_PATHS = frozenset({"/health", "/ready", "/healthz", "/metrics"})
+"""Answered while draining too (liveness, readiness, metrics)."""
+RETRY_AFTER_S = 1
+
+
+def draining_error() -> APIError:
+    return APIError(503, "The server is shutting down and accepts no new requests.", type="service_unavailable",
+                    code="server_draining")
+
+
+def too_large_error(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than this server's limit of {limit} bytes.",
+                    type="invalid_request_error", code="request_too_large")
+
+
+class _BodyTooLarge(APIError):
+    """Raised from `receive` while the app reads the body: the app's APIError handler answers 413."""
+
+    def __init__(self, limit: int) -> None:
+        error = too_large_error(limit)
+        super().__init__(error.status, error.message, type=error.type, code=error.code)
+
+
+def overloaded_error(limit: int) -> APIError:
+    return APIError(429, f"The server is overloaded: {limit} requests are already waiting. Retry shortly.",
+                    type="rate_limit_exceeded", code="too_many_requests")
+
+
+async def _send_error(send: Send, error: APIError, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps(error.body()).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class AdmissionMiddleware:
+    def __init__(self, app: ASGIApp, max_queued_requests: int = 1024, max_request_bytes: int = 8 << 20) -> None:
+        self.app = app
+        self.max_queued_requests = max_queued_requests
+        self.max_request_bytes = max_request_bytes
+        self.pending = 0
+        """Generation requests admitted here and not finished (in the engine or on their way to it)."""
+
+    def queued(self, app: Any) -> int:
+        """Requests waiting for the engine, as this layer and the engine see them together."""
+        host = getattr(app.state, "host", None) if app is not None else None
+        engine = host.engine if host is not None else getattr(getattr(app, "state", None), "engine", None)
+        if engine is None:
+            return self.pending
+        stats = engine.stats()
+        not_in_engine = max(0, self.pending - engine.num_live_requests)
+        free_slots = max(0, engine.engine.config.scheduler.max_num_seqs - int(stats.get("num_running", 0)))
+        return max(0, int(stats.get("num_waiting", 0)) + not_in_engine - free_slots)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        app = scope.get("app")
+        path = scope.get("path", "").lower().rstrip("/") or "/"
+        if getattr(getattr(app, "state", None), "draining", False) and path not in PROBE_PATHS:
+            await _send_error(send, draining_error(), {"Connection": "close"})
+            return
+        limit = self.max_request_bytes
+        if limit > 0:
+            for name, value in scope.get("headers", ()):
+                if name == b"content-length":
+                    try:
+                        declared = int(value)
+                    except ValueError:
+                        declared = 0
+                    if declared > limit:
+                        await _send_error(send, too_large_error(limit), {"Connection": "close"})
+                        return
+        generation = scope.get("method") == "POST" and path in GENERATION_PATHS
+        if generation and self.max_queued_requests > 0 and self.queued(app) >= self.max_queued_requests:
+            await _send_error(send, overloaded_error(self.max_queued_requests), {"Retry-After": str(RETRY_AFTER_S)})
+            return
+        if limit > 0:
+            receive = self._limited(receive, limit)
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        if generation:
+            self.pending += 1
+        try:
+            await self.app(scope, receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await _send_error(send, too_large_error(limit), {"Connection": "close"})
+        finally:
+            if generation:
+                self.pending -= 1
+
+    @staticmethod
+    def _limited(receive: Receive, limit: int) -> Receive:
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _BodyTooLarge(limit)
+            return message
+
+        return limited_receive
+
+
+async def ready(request: Any) -> Any:
+    """Readiness: 200 only while a model is loaded and serving and the server is not draining; 503 otherwise."""
+    from starlette.responses import JSONResponse
+
+    if getattr(request.app.state, "draining", False):
+        raise draining_error()
+    host = getattr(request.app.state, "host", None)
+    error = host.unavailable_error() if host is not None else None
+    if error is not None:
+        raise error
+    engine = host.engine if host is not None else getattr(request.app.state, "engine", None)
+    if engine is None:
+        raise APIError(503, "No model is loaded.", code="model_not_loaded")
+    if not engine.is_alive:
+        raise APIError(503, "The inference engine has stopped.", type="server_error", code="engine_dead")
+    return JSONResponse({"status": "ready", "model": engine.model_name})

@@ -1,0 +1,136 @@
+"""Prometheus metrics at GET /metrics (names prefixed `nitro:`, as vLLM's are `vllm:`; every family has a
+`model_name` label).
+
+Everything is read at scrape time, so serving pays nothing per step: the gauges and engine counters from the
+serving engine's `stats()`, the per-request counters and histograms from what the engine accumulated as requests
+finished (`LLMEngine.request_metrics`). The collector asks the app's ModelHost for the engine on each scrape, so
+the metrics follow a model switch; the request metrics of engines that served earlier stay exported under their
+own model_name. Each app has its own registry.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from nitro_torch.engine.metrics_hooks import MetricsSnapshot, RequestMetrics
+
+if TYPE_CHECKING:
+    from nitro_torch.server.model_host import ModelHost
+
+PREFIX = "nitro:"
+HISTOGRAMS = {  # snapshot attribute -> (metric name, help)
+    "time_to_first_token": ("time_to_first_token_seconds", "Arrival to first generated token."),
+    "inter_token_latency": ("inter_token_latency_seconds",
+                            "Mean gap between a request's generated tokens (one observation per request)."),
+    "e2e_latency": ("e2e_request_latency_seconds", "Arrival to finish."),
+    "queue_time": ("request_queue_time_seconds", "Arrival to first scheduled."),
+}
+
+
+def _request_metrics(engine: Any) -> RequestMetrics | None:
+    inner = getattr(engine, "engine", engine)
+    metrics = getattr(inner, "request_metrics", None)
+    return metrics if isinstance(metrics, RequestMetrics) else None
+
+
+class NitroCollector:
+    def __init__(self, host: ModelHost) -> None:
+        self.host = host
+        self._lock = threading.Lock()
+        # the request metrics of every engine seen serving, kept past a switch (small, tensor-free objects that
+        # hold no reference to their engine)
+        self._seen: list[tuple[str, RequestMetrics]] = []
+
+    def describe(self) -> list[Metric]:
+        return []  # collected fresh on each scrape; no fixed description needed at registration
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self.host.engine
+        model = getattr(engine, "model_name", None) if engine is not None else None
+        yield from self._engine_metrics(engine, model)
+        yield from self._request_families(engine, model)
+
+    def _engine_metrics(self, engine: Any, model: str | None) -> Iterator[Metric]:
+        labels = ["model_name"]
+        running = GaugeMetricFamily(PREFIX + "num_requests_running", "Requests running on the engine.",
+                                    labels=labels)
+        waiting = GaugeMetricFamily(PREFIX + "num_requests_waiting", "Requests waiting to be scheduled.",
+                                    labels=labels)
+        kv = GaugeMetricFamily(PREFIX + "kv_cache_usage_perc", "KV cache usage: used blocks / total (0-1).",
+                               labels=labels)
+        queries = CounterMetricFamily(PREFIX + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      labels=labels)
+        hits = CounterMetricFamily(PREFIX + "prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                   labels=labels)
+        preemptions = CounterMetricFamily(PREFIX + "num_preemptions", "Requests preempted by the scheduler.",
+                                          labels=labels)
+        stats = engine.stats() if engine is not None and model is not None else None
+        if stats is not None:
+            value = [model]
+            running.add_metric(value, stats.get("num_running", 0))
+            waiting.add_metric(value, stats.get("num_waiting", 0))
+            total = stats.get("kv_blocks_total", 0)
+            kv.add_metric(value, stats.get("kv_blocks_used", 0) / total if total else 0.0)
+            queries.add_metric(value, stats.get("prefix_cache_query_tokens", 0))
+            hits.add_metric(value, stats.get("prefix_cache_hit_tokens", 0))
+            preemptions.add_metric(value, stats.get("num_preemptions", 0))
+        yield from (running, waiting, kv, queries, hits, preemptions)
+
+    def _request_families(self, engine: Any, model: str | None) -> Iterator[Metric]:
+        per_model = self._snapshots(engine, model)
+        labels = ["model_name"]
+        prompt = CounterMetricFamily(PREFIX + "prompt_tokens", "Prompt tokens of finished requests.", labels=labels)
+        generation = CounterMetricFamily(PREFIX + "generation_tokens", "Tokens generated by finished requests.",
+                                         labels=labels)
+        success = CounterMetricFamily(PREFIX + "request_success", "Finished requests by finish reason.",
+                                      labels=["model_name", "finished_reason"])
+        histograms = {attr: HistogramMetricFamily(PREFIX + name, help_text, labels=labels)
+                      for attr, (name, help_text) in HISTOGRAMS.items()}
+        for name, snap in sorted(per_model.items()):
+            prompt.add_metric([name], snap.prompt_tokens)
+            generation.add_metric([name], snap.generation_tokens)
+            for reason, n in sorted(snap.finished.items()):
+                success.add_metric([name, reason], n)
+            for attr, family in histograms.items():
+                hist = getattr(snap, attr)
+                family.add_metric([name], hist.cumulative(), hist.total)
+        yield from (prompt, generation, success, *histograms.values())
+
+    def _snapshots(self, engine: Any, model: str | None) -> dict[str, MetricsSnapshot]:
+        current = _request_metrics(engine) if engine is not None else None
+        with self._lock:
+            if current is not None and model is not None and not any(m is current for _, m in self._seen):
+                self._seen.append((model, current))
+            merged: dict[str, MetricsSnapshot] = {}
+            for name, request_metrics in self._seen:
+                merged.setdefault(name, MetricsSnapshot()).merge(request_metrics.snapshot())
+            return merged
+
+
+def create_registry(host: ModelHost) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NitroCollector(host))
+    return registry
+
+
+async def metrics(request: Request) -> Response:
+    registry: CollectorRegistry | None = getattr(request.app.state, "metrics_registry", None)
+    if registry is None:
+        registry = request.app.state.metrics_registry = create_registry(request.app.state.host)
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+routes = [Route("/metrics", metrics, methods=["GET"])]

@@ -1,0 +1,174 @@
+"""Admission control: a bounded engine queue (429 + Retry-After), the body-size limit (413) and /ready."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from nitro_torch.config import build_config
+
+from .conftest import RunningServer, free_port
+from .helpers import ENGINE_OPTIONS, HELLO, wait_until_idle
+
+MAX_TOKENS = 48
+
+
+@pytest.fixture
+def small_server() -> Iterator[RunningServer]:
+    """uvicorn in a thread over a private engine that runs one sequence at a time, with room for 2 waiting."""
+    import uvicorn
+
+    from nitro_torch.engine.async_engine import AsyncEngine
+    from nitro_torch.server.app import create_app
+
+    config = build_config({**ENGINE_OPTIONS, "max_num_seqs": 1, "kv_cache_memory": 0.1, "max_queued_requests": 2,
+                           "max_request_bytes": 4096}, env={})
+    engine = AsyncEngine.from_config(config)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(config, engine), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "in-process server did not start"
+        time.sleep(0.02)
+    try:
+        yield RunningServer(f"http://127.0.0.1:{port}", engine)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        engine.shutdown()
+
+
+def _stream(base_url: str, results: list, index: int) -> None:
+    body = {"model": "", "messages": HELLO, "max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    started = time.monotonic()
+    with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=120) as response:
+        answered = time.monotonic() - started
+        if response.status_code != 200:
+            results[index] = (response.status_code, answered, dict(response.headers), json.loads(response.read()))
+            return
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    results[index] = (200, answered, dict(response.headers), lines)
+
+
+def test_overload_is_429_and_admitted_requests_complete(small_server):
+    base = small_server.base_url
+    results: list = [None] * 10
+    threads = [threading.Thread(target=_stream, args=(base, results, i)) for i in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    assert all(result is not None for result in results), results
+    ok = [r for r in results if r[0] == 200]
+    refused = [r for r in results if r[0] != 200]
+    assert 1 <= len(ok) <= 3, [r[0] for r in results]  # one running + at most 2 waiting
+    assert refused
+    for status, answered, headers, body in refused:
+        assert status == 429
+        assert answered < 1.0
+        assert int(headers["retry-after"]) >= 1
+        assert body["error"]["code"] == "too_many_requests"
+        assert body["error"]["type"] == "rate_limit_exceeded"
+    for _, _, _, lines in ok:
+        assert lines[-1] == "data: [DONE]"
+        usage = json.loads(lines[-2][len("data: "):])["usage"]
+        assert usage["completion_tokens"] == MAX_TOKENS
+        assert usage["total_tokens"] == usage["prompt_tokens"] + MAX_TOKENS
+    # the server still answers, and everything went back
+    reply = httpx.post(base + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2}, timeout=60)
+    assert reply.status_code == 200
+    stats = wait_until_idle(small_server.engine)
+    assert stats["kv_blocks_used"] == 0 and stats["num_waiting"] == 0
+
+
+def test_body_over_the_limit_is_413(small_server):
+    base = small_server.base_url
+    big = {"messages": [{"role": "user", "content": "x" * 10_000}], "max_tokens": 1}
+    response = httpx.post(base + "/v1/chat/completions", json=big, timeout=30)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: chunked transfer encoding
+        payload = json.dumps(big).encode()
+        for start in range(0, len(payload), 1000):
+            yield payload[start:start + 1000]
+
+    response = httpx.post(base + "/v1/chat/completions", content=chunks(), timeout=30,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    # a body under the limit still works
+    assert httpx.post(base + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 1},
+                      timeout=60).status_code == 200
+
+
+def test_lying_content_length_is_cut_off():
+    """A Content-Length under the limit with a longer body: counted while read, 413 (in-process app)."""
+    from nitro_torch.server.admission import AdmissionMiddleware
+
+    seen: list[bytes] = []
+
+    async def app(scope, receive, send):
+        from nitro_torch.server.errors import APIError
+
+        try:
+            while True:
+                message = await receive()
+                seen.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    break
+        except APIError as exc:
+            response = exc.response()
+            await response(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    messages = [{"type": "http.request", "body": b"a" * 60, "more_body": True},
+                {"type": "http.request", "body": b"a" * 60, "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive():
+        return messages.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    import asyncio
+
+    scope = {"type": "http", "method": "POST", "path": "/tokenize", "headers": [(b"content-length", b"10")]}
+    asyncio.run(AdmissionMiddleware(app, max_request_bytes=100)(scope, receive, send))
+    assert sent[0]["status"] == 413
+    assert len(seen) == 1  # the second chunk was never handed to the app
+
+
+def test_ready(engine_config, real_engine):
+    from nitro_torch.server.app import create_app
+    from nitro_torch.server.model_host import ModelHost
+
+    with TestClient(create_app(engine_config, real_engine)) as client:
+        response = client.get("/ready")
+        assert response.status_code == 200
+        assert response.json() == {"status": "ready", "model": real_engine.model_name}
+        client.app.state.draining = True
+        response = client.get("/ready")
+        assert response.status_code == 503 and response.json()["error"]["code"] == "server_draining"
+        assert client.get("/health").status_code == 200  # liveness is not readiness
+        refused = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 1})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_draining"
+
+    empty = build_config({**ENGINE_OPTIONS, "model": "none"}, env={})
+    with TestClient(create_app(empty, host=ModelHost(empty))) as client:
+        response = client.get("/ready")
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "model_not_loaded"

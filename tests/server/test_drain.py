@@ -1,0 +1,140 @@
+"""SIGTERM while a stream runs: the stream completes, new requests are turned away, the process exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from .conftest import LIVE_MAX_MODEL_LEN, _wait_until_healthy, free_port
+from .helpers import HELLO
+
+MAX_TOKENS = 200
+
+
+def test_sigterm_drains_a_stream_then_exits_0():
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tempfile.NamedTemporaryFile(prefix="nitro-drain-", suffix=".log", delete=False)
+    command = [sys.executable, "-m", "nitro_torch.cli", "serve", "--port", str(port), "--max-model-len",
+               str(LIVE_MAX_MODEL_LEN), "--kv-cache-memory", "0.1", "--shutdown-timeout", "60",
+               "--log-level", "info"]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+    try:
+        _wait_until_healthy(process, base, Path(log.name))
+        assert httpx.get(base + "/ready", timeout=5).status_code == 200
+        lines: list[str] = []
+        first_chunk = threading.Event()
+
+        def stream() -> None:
+            body = {"messages": HELLO, "max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 0,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=120) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        lines.append(line)
+                        first_chunk.set()
+
+        streamer = threading.Thread(target=stream)
+        streamer.start()
+        assert first_chunk.wait(60)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.02)
+        # During the drain a new request is 503 server_draining while the listening socket is still open
+        # (the first ~0.1 s, until uvicorn's main loop sees the signal), then the connection is refused.
+        outcomes = []
+        try:
+            late = httpx.post(base + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 1}, timeout=10)
+            assert late.status_code == 503 and late.json()["error"]["code"] == "server_draining"
+            outcomes.append(503)
+        except httpx.ConnectError:
+            outcomes.append("refused")
+        try:
+            assert httpx.get(base + "/ready", timeout=10).status_code == 503
+            outcomes.append(503)
+        except httpx.ConnectError:
+            outcomes.append("refused")
+        time.sleep(0.5)  # by now uvicorn has closed the listening socket
+        try:
+            httpx.get(base + "/health", timeout=10)
+            outcomes.append("answered")
+        except httpx.ConnectError:
+            outcomes.append("refused")
+        assert outcomes[-1] == "refused", outcomes
+        print("drain outcomes:", outcomes)
+        assert process.poll() is None or not streamer.is_alive()
+        streamer.join(timeout=120)
+        assert not streamer.is_alive()
+        assert lines[-1] == "data: [DONE]"
+        usage = json.loads(lines[-2][len("data: "):])["usage"]
+        assert usage["completion_tokens"] == MAX_TOKENS
+        assert process.wait(timeout=60) == 0, Path(log.name).read_text()[-4000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
+        os.unlink(log.name)
+
+
+def test_model_none_is_not_ready_and_exits_0_on_sigterm():
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tempfile.NamedTemporaryFile(prefix="nitro-drain-", suffix=".log", delete=False)
+    command = [sys.executable, "-m", "nitro_torch.cli", "serve", "--port", str(port), "--model", "none",
+               "--shutdown-timeout", "5", "--log-level", "warning"]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+    try:
+        deadline = time.monotonic() + 120
+        response = None
+        while response is None and time.monotonic() < deadline:
+            assert process.poll() is None, Path(log.name).read_text()[-4000:]
+            try:
+                response = httpx.get(base + "/ready", timeout=2)
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert response is not None and response.status_code == 503
+        assert response.json()["error"]["code"] == "model_not_loaded"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, Path(log.name).read_text()[-4000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
+        os.unlink(log.name)
+
+
+def test_watch_signals_marks_the_app_and_keeps_sigterm_from_being_reraised():
+    from starlette.datastructures import State
+
+    from nitro_torch.server.draining import watch_signals
+
+    class FakeServer:  # what uvicorn's Server.handle_exit does with a signal
+        def __init__(self) -> None:
+            self._captured_signals: list[int] = []
+
+        def handle_exit(self, sig, frame) -> None:
+            self._captured_signals.append(sig)
+
+    server, state = FakeServer(), State()
+    state.draining = False
+    originals = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        watch_signals(state)
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        assert state.draining
+        assert server._captured_signals == []
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        assert server._captured_signals == [signal.SIGINT]  # Ctrl-C still ends the process as an interrupt
+    finally:
+        for sig, handler in originals.items():
+            signal.signal(sig, handler)
