@@ -3,15 +3,13 @@ they call. Import the fixtures into a test module to use them."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from nitro_torch.config import build_config
-from tests.server.conftest import free_port
+from tests.server.conftest import serving
 
 WEATHER_PARAMETERS: dict[str, Any] = {
     "type": "object",
@@ -65,22 +63,7 @@ def tool_async_engine(tool_engine_config) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def tool_server_url(tool_engine_config, tool_async_engine) -> Iterator[str]:
     """uvicorn in a thread over the tool model's engine; yields the API base URL (…/v1)."""
-    import uvicorn
-
     from nitro_torch.server.app import create_app
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(tool_engine_config, tool_async_engine), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "in-process server did not start"
-        assert thread.is_alive(), "in-process server exited"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving(create_app(tool_engine_config, tool_async_engine)) as url:
+        yield url + "/v1"

@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -79,28 +80,34 @@ class RunningServer:
         return self.base_url + "/v1"
 
 
-@pytest.fixture
-def threaded_server(engine_config, real_engine) -> Iterator[RunningServer]:
-    """uvicorn in a thread over the real engine: real sockets, so client disconnects are real."""
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """`app` on uvicorn in a thread on a free loopback port (real sockets); yields its base URL."""
     import uvicorn
 
-    from nitro_torch.server.app import create_app
-
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine_config, real_engine), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while not server.started:
         assert time.monotonic() < deadline, "in-process server did not start"
         assert thread.is_alive(), "in-process server exited"
         time.sleep(0.02)
     try:
-        yield RunningServer(f"http://127.0.0.1:{port}", real_engine)
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        thread.join(timeout=10)
+        thread.join(timeout=30)
+
+
+@pytest.fixture
+def threaded_server(engine_config, real_engine) -> Iterator[RunningServer]:
+    """uvicorn in a thread over the real engine: real sockets, so client disconnects are real."""
+    from nitro_torch.server.app import create_app
+
+    with serving(create_app(engine_config, real_engine)) as url:
+        yield RunningServer(url, real_engine)
 
 
 @pytest.fixture(scope="session")

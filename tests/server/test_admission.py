@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 
 from nitro_torch.config import build_config
 
-from .conftest import RunningServer, free_port
+from .conftest import RunningServer, serving
 from .helpers import ENGINE_OPTIONS, HELLO, wait_until_idle
 
 MAX_TOKENS = 48
@@ -22,28 +22,16 @@ MAX_TOKENS = 48
 @pytest.fixture
 def small_server() -> Iterator[RunningServer]:
     """uvicorn in a thread over a private engine that runs one sequence at a time, with room for 2 waiting."""
-    import uvicorn
-
     from nitro_torch.engine.async_engine import AsyncEngine
     from nitro_torch.server.app import create_app
 
     config = build_config({**ENGINE_OPTIONS, "max_num_seqs": 1, "kv_cache_memory": 0.1, "max_queued_requests": 2,
                            "max_request_bytes": 4096}, env={})
     engine = AsyncEngine.from_config(config)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(config, engine), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "in-process server did not start"
-        time.sleep(0.02)
     try:
-        yield RunningServer(f"http://127.0.0.1:{port}", engine)
+        with serving(create_app(config, engine)) as url:
+            yield RunningServer(url, engine)
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         engine.shutdown()
 
 

@@ -24,7 +24,7 @@ from nitro_torch.server import model_host
 from nitro_torch.server.app import create_app
 from nitro_torch.server.model_host import HostState, ModelHost
 
-from .conftest import free_port
+from .conftest import serving
 from .helpers import ENGINE_OPTIONS, HELLO, wait_until
 
 LOAD = "/inferences/llamacpp/loadmodel"
@@ -45,22 +45,6 @@ class Server:
 
     def post(self, path: str, body: dict) -> httpx.Response:
         return httpx.post(self.url + path, json=body, timeout=120)
-
-
-@contextmanager
-def serving(app) -> Iterator[str]:
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    assert wait_until(lambda: server.started or not thread.is_alive(), 30) and thread.is_alive()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
-import time
 from collections.abc import Iterator
 
 import openai
@@ -17,7 +15,7 @@ from nitro_torch.config import ConfigError, build_config
 from nitro_torch.server.app import create_app
 from nitro_torch.server.security import METRICS_PATHS, PUBLIC_PATHS
 
-from .conftest import free_port
+from .conftest import serving
 from .helpers import ENGINE_OPTIONS
 
 KEY = "sk-test-0123456789abcdef"
@@ -181,22 +179,8 @@ def test_help_does_not_show_the_key(monkeypatch, capsys):
 
 @pytest.fixture
 def keyed_server(real_engine) -> Iterator[str]:
-    import uvicorn
-
-    port = free_port()
-    app = create_app(make_config(api_key=KEY), real_engine)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "in-process server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving(create_app(make_config(api_key=KEY), real_engine)) as url:
+        yield url + "/v1"
 
 
 def test_openai_client_wrong_and_right_key(keyed_server):
