@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    model: str = field(default="default", metadata={"help": "'default' (embedded SmolLM2-135M-Instruct), a local HF folder, a hub id in the local HF cache, or a .gguf file"})
+    model: str = field(default="default", metadata={"help": "'default' (embedded SmolLM2-135M-Instruct), a local HF folder, a hub id in the local HF cache, a .gguf file, or 'none' (start empty and wait for Nitro's loadmodel)"})
     served_model_name: str | None = field(default=None, metadata={"help": "name reported by /v1/models (default: derived from --model)"})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "weight dtype; auto = bfloat16 on CUDA, float32 on CPU"})
     device: Literal["auto", "cuda", "cpu"] = field(default="auto", metadata={"help": "auto = cuda when available"})
