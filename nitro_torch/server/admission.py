@@ -1,6 +1,7 @@
 """Admission control: a bounded queue (429 + Retry-After), a request-body limit (413), and draining (503).
 
-`AdmissionMiddleware` is pure ASGI and sits outermost, so it answers before any body is parsed or tokenized:
+`AdmissionMiddleware` is pure ASGI and sits right after the security layers (request id, CORS, API key), so it
+answers before any body is parsed or tokenized:
 
 * draining (`app.state.draining`, set by run_server as soon as SIGTERM/SIGINT arrives): every new request but
   the probes (`/health`, `/ready`, `/healthz`, `/metrics`) is 503 `server_draining`; requests already admitted
