@@ -138,6 +138,16 @@ def check_model_name(request: Request, engine: AsyncEngine, requested: str | Non
                        type="invalid_request_error", param="model", code="model_not_found")
 
 
+def check_token_list(ids: list[int], vocab_size: int, param: str, what: str) -> None:
+    """400 unless `ids` (the token ids of one prompt or input, named `what` in the message) are in the vocabulary."""
+    if not ids:
+        raise APIError(400, f"{what} is empty; it needs at least one token.", param=param, code="invalid_value")
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise APIError(400, f"{what} has token id {bad}, but the vocabulary has {vocab_size} tokens.",
+                       param=param, code="invalid_value")
+
+
 def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
     for param, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
         unknown = [t for t in ids if t >= vocab_size]

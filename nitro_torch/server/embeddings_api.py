@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from nitro_torch.server.context import (
     ClientDisconnected,
     check_model_name,
+    check_token_list,
     get_engine,
     parse_body,
     until_disconnect,
@@ -90,13 +91,7 @@ def input_token_lists(tokenizer: PreTrainedTokenizerBase, inputs: list[Embedding
     for (index, _), ids in zip(texts, encoded):
         token_lists[index] = list(ids)
     for index, ids in enumerate(token_lists):
-        if not ids:
-            raise APIError(400, f"Input {index} has no tokens; every input needs at least one.", param="input",
-                           code="invalid_value")
-        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-        if bad is not None:
-            raise APIError(400, f"Input {index} has token id {bad}, but the vocabulary has {vocab_size} tokens.",
-                           param="input", code="invalid_value")
+        check_token_list(ids, vocab_size, "input", f"Input {index}")
         if len(ids) > max_model_len:
             raise APIError(400, f"This model's maximum context length is {max_model_len} tokens, but input {index} "
                                 f"has {len(ids)} tokens. Please reduce the length of the input.",

@@ -24,7 +24,14 @@ from nitro_torch.engine.engine import ContextLengthExceeded, check_context_lengt
 from nitro_torch.engine.outputs import FinishReason, RequestOutput
 from nitro_torch.sampling import SamplingParams, SamplingParamsError
 from nitro_torch.server.completion import SYSTEM_FINGERPRINT
-from nitro_torch.server.context import check_model_name, check_token_ids, get_engine, parse_body, respond
+from nitro_torch.server.context import (
+    check_model_name,
+    check_token_ids,
+    check_token_list,
+    get_engine,
+    parse_body,
+    respond,
+)
 from nitro_torch.server.errors import APIError
 from nitro_torch.server.fanout import interleave
 from nitro_torch.server.protocol import Usage
@@ -97,13 +104,7 @@ def prompt_token_lists(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Pro
     token_lists = []
     for index, prompt in enumerate(prompts):
         ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise APIError(400, f"Prompt {index} is empty; a prompt needs at least one token.", param="prompt",
-                           code="invalid_value")
-        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-        if bad is not None:
-            raise APIError(400, f"Prompt {index} has token id {bad}, but the vocabulary has {vocab_size} tokens.",
-                           param="prompt", code="invalid_value")
+        check_token_list(ids, vocab_size, "prompt", f"Prompt {index}")
         token_lists.append(ids)
     return token_lists
 

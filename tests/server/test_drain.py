@@ -10,6 +10,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -20,16 +22,27 @@ from .helpers import HELLO
 MAX_TOKENS = 200
 
 
-def test_sigterm_drains_a_stream_then_exits_0():
+@contextmanager
+def server_process(*options: str) -> Iterator[tuple[subprocess.Popen, str, Path]]:
+    """`nitro-torch serve` on a free port with `options`; yields (process, base URL, log file); kills it after."""
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
     log = tempfile.NamedTemporaryFile(prefix="nitro-drain-", suffix=".log", delete=False)
-    command = [sys.executable, "-m", "nitro_torch.cli", "serve", "--port", str(port), "--max-model-len",
-               str(LIVE_MAX_MODEL_LEN), "--kv-cache-memory", "0.1", "--shutdown-timeout", "60",
-               "--log-level", "info"]
+    command = [sys.executable, "-m", "nitro_torch.cli", "serve", "--port", str(port), *options]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
     try:
-        _wait_until_healthy(process, base, Path(log.name))
+        yield process, f"http://127.0.0.1:{port}", Path(log.name)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
+        os.unlink(log.name)
+
+
+def test_sigterm_drains_a_stream_then_exits_0():
+    with server_process("--max-model-len", str(LIVE_MAX_MODEL_LEN), "--kv-cache-memory", "0.1",
+                        "--shutdown-timeout", "60", "--log-level", "info") as (process, base, log):
+        _wait_until_healthy(process, base, log)
         assert httpx.get(base + "/ready", timeout=5).status_code == 200
         lines: list[str] = []
         first_chunk = threading.Event()
@@ -76,27 +89,16 @@ def test_sigterm_drains_a_stream_then_exits_0():
         assert lines[-1] == "data: [DONE]"
         usage = json.loads(lines[-2][len("data: "):])["usage"]
         assert usage["completion_tokens"] == MAX_TOKENS
-        assert process.wait(timeout=60) == 0, Path(log.name).read_text()[-4000:]
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        log.close()
-        os.unlink(log.name)
+        assert process.wait(timeout=60) == 0, log.read_text()[-4000:]
 
 
 def test_model_none_is_not_ready_and_exits_0_on_sigterm():
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = tempfile.NamedTemporaryFile(prefix="nitro-drain-", suffix=".log", delete=False)
-    command = [sys.executable, "-m", "nitro_torch.cli", "serve", "--port", str(port), "--model", "none",
-               "--shutdown-timeout", "5", "--log-level", "warning"]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
-    try:
+    with server_process("--model", "none", "--shutdown-timeout", "5", "--log-level", "warning") as (
+            process, base, log):
         deadline = time.monotonic() + 120
         response = None
         while response is None and time.monotonic() < deadline:
-            assert process.poll() is None, Path(log.name).read_text()[-4000:]
+            assert process.poll() is None, log.read_text()[-4000:]
             try:
                 response = httpx.get(base + "/ready", timeout=2)
             except httpx.HTTPError:
@@ -104,13 +106,7 @@ def test_model_none_is_not_ready_and_exits_0_on_sigterm():
         assert response is not None and response.status_code == 503
         assert response.json()["error"]["code"] == "model_not_loaded"
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0, Path(log.name).read_text()[-4000:]
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        log.close()
-        os.unlink(log.name)
+        assert process.wait(timeout=30) == 0, log.read_text()[-4000:]
 
 
 def test_watch_signals_marks_the_app_and_keeps_sigterm_from_being_reraised():
