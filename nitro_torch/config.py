@@ -30,6 +30,8 @@ class ModelConfig:
     device: Literal["auto", "cuda", "cpu"] = field(default="auto", metadata={"help": "auto = cuda when available"})
     max_model_len: int | None = field(default=None, metadata={"help": "context window (default: the model's)"})
     model_cache_dir: str | None = field(default=None, metadata={"help": "where converted models are kept (default: $NITRO_HOME or ~/.cache/nitro_torch)"})
+    quantization: Literal["none", "bnb-4bit", "bnb-8bit"] = field(default="none", metadata={"help": "bitsandbytes weights quantized at load; 4-bit is NF4 with double quantization and bf16 compute on CUDA"})
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit data type of --quantization bnb-4bit"})
 
 
 @dataclass
@@ -57,6 +59,12 @@ class SchedulerConfig:
 
 
 @dataclass
+class RunnerConfig:
+    cuda_graphs: bool = field(default=True, metadata={"help": "replay decode steps as captured CUDA graphs (CUDA only; --no-cuda-graphs runs them eagerly)"})
+    attention_backend: Literal["auto", "triton", "torch"] = field(default="auto", metadata={"help": "paged-attention kernels: auto = Triton on CUDA, torch elsewhere"})
+
+
+@dataclass
 class ServerConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "bind address; 0.0.0.0 serves the LAN"})
     port: int = field(default=3928, metadata={"help": "TCP port (Nitro's default)"})
@@ -81,6 +89,7 @@ class Config:
     chat: ChatConfig = field(default_factory=ChatConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
 

@@ -38,7 +38,8 @@ def test_unknown_key_in_file_is_named(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [({"port": "70000"}, "port"), ({"block_size": "12"}, "power of two"), ({"dtype": "int3"}, "dtype"),
-     ({"prefix_caching": "maybe"}, "prefix_caching")],
+     ({"prefix_caching": "maybe"}, "prefix_caching"), ({"quantization": "bnb-3bit"}, "quantization"),
+     ({"bnb_4bit_quant_type": "int4"}, "bnb_4bit_quant_type")],
 )
 def test_bad_values_are_rejected(options: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

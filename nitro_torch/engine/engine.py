@@ -7,7 +7,6 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import torch
 
 from nitro_torch.config import Config
 from nitro_torch.engine.block_manager import BlockManager
@@ -17,9 +16,10 @@ from nitro_torch.engine.outputs import FinishReason, RequestOutput, TokenLogprob
 from nitro_torch.engine.request import Request
 from nitro_torch.engine.scheduler import Scheduler
 from nitro_torch.models.loader import LoadedModel, apply_chat_template_file, load_model
-from nitro_torch.runner.attention import register_paged_attention
+from nitro_torch.runner.attention import register_paged_attention, set_attention_backend
 from nitro_torch.runner.guided import GuidedDecoder, logits_vocab_size
 from nitro_torch.runner.kv_cache import GIB, KVCache, KVLayout
+from nitro_torch.runner.memory import describe_capacity, gpu_kv_budget_bytes
 from nitro_torch.runner.model_runner import ModelRunner
 from nitro_torch.runner.sampler import Sampler
 from nitro_torch.sampling import SamplingParams
@@ -45,16 +45,16 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
         self.device = loaded.device
+        set_attention_backend(config.runner.attention_backend)
         layout = KVLayout.from_model_config(loaded.model.config, config.cache.block_size, loaded.dtype)
         num_blocks = self._num_kv_blocks(layout)
         self.kv_cache = KVCache(layout, num_blocks, self.device)
         self.max_model_len = min(loaded.max_model_len, self.kv_cache.capacity_tokens)
         if self.max_model_len < loaded.max_model_len:
             logger.warning("context window limited to %d tokens by the KV cache size", self.max_model_len)
+        sched = config.scheduler
         self.block_manager = BlockManager(num_blocks, layout.block_size, config.cache.prefix_caching)
-        self.scheduler = Scheduler(
-            self.block_manager, config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs
-        )
+        self.scheduler = Scheduler(self.block_manager, sched.max_num_batched_tokens, sched.max_num_seqs)
         self.runner = ModelRunner(loaded.model, self.kv_cache, self.device)
         self.sampler = Sampler(self.device)
         self.guided = GuidedDecoder(self.tokenizer, logits_vocab_size(loaded.model), loaded.eos_token_ids,
@@ -62,11 +62,23 @@ class LLMEngine:
         self._tracked: dict[str, _Tracked] = {}
         self.request_metrics = RequestMetrics()
         """Finished requests' token counts and latencies, for the server's /metrics."""
-        logger.info(
-            "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB)",
-            num_blocks, layout.block_size, self.kv_cache.capacity_tokens,
-            num_blocks * layout.bytes_per_block / GIB,
-        )
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB) = %s", num_blocks, layout.block_size,
+                    num_blocks * layout.bytes_per_block / GIB,
+                    describe_capacity(num_blocks, layout.block_size, self.max_model_len, sched.max_num_seqs))
+        if self._use_decode_graphs():
+            self.runner.enable_decode_graphs(sched.max_num_seqs, self.max_model_len)
+
+    def _use_decode_graphs(self) -> bool:
+        runner = self.config.runner
+        if self.device.type != "cuda" or not runner.cuda_graphs:
+            return False
+        if runner.attention_backend == "torch":  # its decode gathers whole padded block tables: eager only
+            logger.info("decode CUDA graphs are off with attention_backend torch")
+            return False
+        if self.loaded.quantization.startswith("bnb-8bit"):  # LLM.int8's outlier split syncs with the host
+            logger.info("decode CUDA graphs are off for bitsandbytes 8-bit weights")
+            return False
+        return True
 
     @classmethod
     def from_config(cls, config: Config) -> "LLMEngine":
@@ -78,10 +90,11 @@ class LLMEngine:
         if cache.num_kv_blocks:
             return cache.num_kv_blocks
         if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            reserve = total * (1.0 - cache.gpu_memory_utilization)
-            activation_guess = 2 * GIB
-            budget = int(free - reserve - activation_guess)
+            sched = self.config.scheduler
+            budget = gpu_kv_budget_bytes(
+                self.loaded.model, self.device, cache.gpu_memory_utilization, sched.max_num_batched_tokens,
+                sched.max_num_seqs, self.loaded.max_model_len, logits_vocab_size(self.loaded.model),
+            )
         else:
             budget = int(cache.kv_cache_memory * GIB)
         blocks = layout.blocks_for_bytes(budget)

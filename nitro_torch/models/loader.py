@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from nitro_torch.config import ConfigError, ModelConfig
 from nitro_torch.models.embedded import DEFAULT_MODEL_NAME, embedded_gguf_path, ensure_converted, report_progress
+from nitro_torch.models.quantization import activation_dtype, plan_quantization
 
 logger = logging.getLogger("nitro_torch.models")
 
@@ -37,9 +38,10 @@ class LoadedModel:
     name: str  # served model name
     source_path: str  # the HF folder actually loaded
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # activations and KV cache; quantized weights are stored narrower
     max_model_len: int
     eos_token_ids: frozenset[int]
+    quantization: str = "none"  # e.g. "bnb-4bit nf4", "bnb-8bit (pre-quantized checkpoint)"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -148,17 +150,23 @@ def load_model(config: ModelConfig, attn_implementation: str | None = None) -> L
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
 
-    report_progress(f"loading {name} ({_dtype_name(dtype)}, {device}) from {path} ...")
+    quantization = plan_quantization(config, path, dtype, device)
+    weights = "" if quantization.description == "none" else f", {quantization.description}"
+
+    report_progress(f"loading {name} ({_dtype_name(dtype)}{weights}, {device}) from {path} ...")
     started = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    # Quantized loading (bitsandbytes / torchao) will plug in here as quantization_config=...; not supported yet.
+    # An explicit quantization_config=None would make transformers ignore a pre-quantized checkpoint's own.
+    quantize = {"quantization_config": quantization.config} if quantization.config is not None else {}
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation, device_map=None, local_files_only=True
+        path, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True,
+        device_map={"": device} if quantization.bitsandbytes else None, **quantize,
     )
-    model.to(device)
+    if not quantization.bitsandbytes:
+        model.to(device)
     model.eval()
     model.requires_grad_(False)
-    report_progress(f"loaded {name} in {time.monotonic() - started:.1f} s")
+    report_progress(f"loaded {name} (quantization: {quantization.description}) in {time.monotonic() - started:.1f} s")
     if not has_chat_template(tokenizer):
         logger.warning("%s has no chat template; chat prompts use Nitro's prompt prefixes", name)
 
@@ -168,9 +176,10 @@ def load_model(config: ModelConfig, attn_implementation: str | None = None) -> L
         name=name,
         source_path=path,
         device=device,
-        dtype=dtype,
+        dtype=activation_dtype(model, dtype),
         max_model_len=_max_model_len(config.max_model_len, model, tokenizer),
         eos_token_ids=_eos_token_ids(model, tokenizer),
+        quantization=quantization.description,
     )
 
 

@@ -12,15 +12,18 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from nitro_torch.runner.kernels import triton_available
 from nitro_torch.runner.kv_cache import KVCache
 
 ATTN_IMPLEMENTATION = "nitro_paged"
+Backend = Literal["auto", "triton", "torch"]
 
 
 @dataclass
@@ -40,6 +43,11 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None
     decode_context_lens: torch.Tensor | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
+    prefill_block_tables: torch.Tensor | None = None
+    """The chunks' block tables [N, W], cumulative query lengths [N + 1] and context lengths [N] on the device,
+    for the varlen prefill kernel; `prefills` holds the same per chunk for the torch path."""
+    prefill_cu_query_lens: torch.Tensor | None = None
+    prefill_context_lens: torch.Tensor | None = None
     write_kv: bool = True
     """False for cache-free forwards (embeddings): every chunk is a whole sequence attending to its own K/V."""
 
@@ -57,11 +65,36 @@ def step_context(metadata: AttentionMetadata) -> Iterator[None]:
         _current = previous
 
 
+_backend: Backend = "auto"
+
+
+def set_attention_backend(backend: Backend) -> None:
+    """'auto': Triton kernels on CUDA, torch elsewhere; 'triton' forces the kernels (Triton's interpreter on CPU)."""
+    global _backend
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"unknown attention backend {backend!r}")
+    _backend = backend
+
+
+def _uses_kernels(tensor: torch.Tensor) -> bool:
+    if _backend == "torch":
+        return False
+    if _backend == "triton":
+        return True
+    return tensor.is_cuda and triton_available()
+
+
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Scatter K/V [T, KV, D] into the blocks at flat slot = block_id * block_size + offset."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value)
+    """Scatter K/V [T, KV, D] into the blocks at flat slot = block_id * block_size + offset.
+
+    Padding rows (slot < 0) go to the spare last block of the cache tensors, which no request owns: a
+    `torch.where` rather than a filter, so the store stays free of host syncs (and capturable).
+    """
+    spare_slot = (k_cache.shape[0] - 1) * k_cache.shape[1]
+    slots = torch.where(slot_mapping < 0, spare_slot, slot_mapping)
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value)
 
 
 def paged_decode_attention(
@@ -84,6 +117,7 @@ def paged_decode_attention(
     values = values.transpose(1, 2)
     grouped = query.view(num_reqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     positions = torch.arange(keys.shape[2], device=query.device)
+    context_lens = context_lens.clamp(min=1)  # padding rows (length 0) attend one slot rather than yield NaN
     valid = positions[None, :] < context_lens[:, None]
     if sliding_window:
         valid &= positions[None, :] >= (context_lens[:, None] - sliding_window)
@@ -150,13 +184,21 @@ def paged_attention_forward(
     if meta is None:
         raise RuntimeError("nitro_paged attention called outside an engine step")
     layer = module.layer_idx
-    k_cache, v_cache = meta.kv_cache.keys[layer], meta.kv_cache.values[layer]
     q = query[0].transpose(0, 1)  # [T, H, D]
     k = key[0].transpose(0, 1)  # [T, KV, D]
     v = value[0].transpose(0, 1)
-    if meta.write_kv:
-        store_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    if _uses_kernels(q):
+        out = _attend_with_kernels(meta, layer, q, k, v, scale, sliding_window, softcap)
+    else:
+        out = _attend_with_torch(meta, layer, q, k, v, scale, sliding_window, softcap)
+    return out.unsqueeze(0), None
+
+
+def _attend_with_torch(meta: AttentionMetadata, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       scale: float, sliding_window: int | None, softcap: float | None) -> torch.Tensor:
+    if meta.write_kv:
+        store_kv(meta.kv_cache.keys[layer], meta.kv_cache.values[layer], k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     if nd:
@@ -176,7 +218,33 @@ def paged_attention_forward(
             keys = keys.flatten(0, 1)[: chunk.context_len]
             values = values.flatten(0, 1)[: chunk.context_len]
         out[rows] = prefill_attention(q[rows], keys, values, scale, sliding_window, softcap)
-    return out.unsqueeze(0), None
+    return out
+
+
+def _attend_with_kernels(meta: AttentionMetadata, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         scale: float, sliding_window: int | None, softcap: float | None) -> torch.Tensor:
+    """Triton: the KV store, then paged decode over the leading decode rows and one varlen prefill launch over
+    all chunks, both reading K/V through block tables (so cached prefixes cost no gather copy)."""
+    if not meta.write_kv:  # cache-free forwards attend to their own K/V, which are not in the cache
+        return _attend_with_torch(meta, layer, q, k, v, scale, sliding_window, softcap)
+    from nitro_torch.runner.kernels import paged_decode_triton, prefill_paged_triton, store_kv_triton
+
+    k_cache, v_cache = meta.kv_cache.keys[layer], meta.kv_cache.values[layer]
+    store_kv_triton(k_cache, v_cache, k, v, meta.slot_mapping)
+    nd = meta.num_decode_tokens
+    decode_out = prefill_out = None
+    if nd:
+        decode_out = paged_decode_triton(q[:nd], k_cache, v_cache, meta.decode_block_tables,
+                                         meta.decode_context_lens, scale, sliding_window, softcap)
+    if meta.prefills:
+        prefill_out = prefill_paged_triton(q[nd:], k_cache, v_cache, meta.prefill_block_tables,
+                                           meta.prefill_cu_query_lens, meta.prefill_context_lens, scale,
+                                           sliding_window, softcap)
+    if prefill_out is None:
+        return decode_out
+    if decode_out is None:
+        return prefill_out
+    return torch.cat([decode_out, prefill_out])
 
 
 def _no_mask(*args: object, **kwargs: object) -> None:

@@ -36,8 +36,11 @@ class KVLayout:
 
 
 class KVCache:
+    """`num_blocks` blocks for requests, plus one spare block at the end that takes the writes of padding
+    tokens (CUDA-graph batches) so that the store never needs a host-side filter."""
+
     def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device) -> None:
-        shape = (num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
+        shape = (num_blocks + 1, layout.block_size, layout.num_kv_heads, layout.head_dim)
         self.layout = layout
         self.num_blocks = num_blocks
         self.keys = [torch.zeros(shape, dtype=layout.dtype, device=device) for _ in range(layout.num_layers)]
@@ -52,14 +55,14 @@ class KVCache:
         faults; the buffers grow to the largest step seen and are overwritten by the next gather.
         """
         k_cache, v_cache = self.keys[layer], self.values[layer]
-        rows = k_cache.view(self.num_blocks, -1)
+        rows = k_cache.view(k_cache.shape[0], -1)
         n, width = block_ids.numel(), rows.shape[1]
         if self._gather_k.numel() < n * width:
             self._gather_k = torch.empty(n * width, dtype=rows.dtype, device=rows.device)
             self._gather_v = torch.empty(n * width, dtype=rows.dtype, device=rows.device)
         shape = (n, *k_cache.shape[1:])
         k = torch.index_select(rows, 0, block_ids, out=self._gather_k[: n * width].view(n, width))
-        v = torch.index_select(v_cache.view(self.num_blocks, -1), 0, block_ids,
+        v = torch.index_select(v_cache.view(v_cache.shape[0], -1), 0, block_ids,
                                out=self._gather_v[: n * width].view(n, width))
         return k.view(shape), v.view(shape)
 

@@ -1,25 +1,22 @@
-"""StepPlan -> packed tensors -> one HF forward -> logits of the requests that sample this step."""
+"""StepPlan -> packed tensors -> one HF forward (or a decode-graph replay) -> logits of the requests that sample."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import time
 
 import torch
 from transformers import PreTrainedModel
 
 from nitro_torch.engine.request import Request
-from nitro_torch.engine.scheduler import ScheduledRequest, StepPlan
+from nitro_torch.engine.scheduler import StepPlan
 from nitro_torch.runner.attention import AttentionMetadata, PrefillChunk, step_context
+from nitro_torch.runner.cuda_graphs import DecodeGraphs, DecodeInputs
+from nitro_torch.runner.input_batch import HostBatch, build_host_batch
 from nitro_torch.runner.kv_cache import KVCache
+from nitro_torch.runner.staging import InputStaging
 
-
-@dataclass
-class StepInputs:
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    metadata: AttentionMetadata
-    logits_indices: torch.Tensor
-    sampling_requests: list[Request]
+logger = logging.getLogger("nitro_torch.runner")
 
 
 class ModelRunner:
@@ -28,77 +25,87 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.device = device
         self.block_size = kv_cache.layout.block_size
+        self.staging = InputStaging(device)
+        self.graphs: DecodeGraphs | None = None
+
+    def enable_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True) -> None:
+        """Run pure-decode steps through DecodeGraphs (captured on CUDA; `capture=False`: same path, eager)."""
+        max_blocks = -(-max_model_len // self.block_size)
+        graphs = DecodeGraphs(self._logits_of_all_rows, self.kv_cache, max_num_seqs, max_blocks, self.device,
+                              capture=capture)
+        if capture:
+            started = time.monotonic()
+            try:
+                with torch.inference_mode():
+                    graphs.capture_all()
+            except Exception:  # a model op that cannot be captured: serve eagerly rather than not at all
+                logger.exception("CUDA graph capture failed; decode steps run eagerly")
+                return
+            logger.info("captured decode CUDA graphs for batch sizes %s in %.1f s",
+                        graphs.sizes, time.monotonic() - started)
+        self.graphs = graphs
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> tuple[torch.Tensor | None, list[Request]]:
         """Run the step; return logits [R, V] of the requests that sample, in the returned order."""
         self.kv_cache.copy_blocks(plan.block_copies)
-        inputs = self.prepare(plan)
-        with step_context(inputs.metadata):
-            keep = inputs.logits_indices if inputs.sampling_requests else 1
+        batch = build_host_batch(plan, self.block_size)
+        tensors = self.upload(batch)
+        if self._fits_graph(batch):
+            decode = DecodeInputs(tensors["token_ids"], tensors["positions"], tensors["slots"],
+                                  tensors["decode_tables"], tensors["decode_context_lens"])
+            logits = self.graphs.run(decode)  # type: ignore[union-attr]
+            if not batch.sampling:
+                return None, []
+            return logits.index_select(0, tensors["logits_rows"]), batch.sampling
+        with step_context(self.metadata(batch, tensors)):
+            keep = tensors["logits_rows"] if batch.sampling else 1
             out = self.model(
-                input_ids=inputs.input_ids[None],
-                position_ids=inputs.positions[None],
+                input_ids=tensors["token_ids"][None],
+                position_ids=tensors["positions"][None],
                 use_cache=False,
                 logits_to_keep=keep,
             )
-        if not inputs.sampling_requests:
+        if not batch.sampling:
             return None, []
-        return out.logits[0], inputs.sampling_requests
+        return out.logits[0], batch.sampling
 
-    def prepare(self, plan: StepPlan) -> StepInputs:
-        decodes = [s for s in plan.scheduled if s.num_tokens == 1]
-        prefills = [s for s in plan.scheduled if s.num_tokens > 1]
-        token_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        last_rows: list[int] = []
-        sampling: list[Request] = []
-        for item in decodes:
-            pos = item.start_position
-            request = item.request
-            token_ids.append(request.token_at(pos))
-            positions.append(pos)
-            slots.append(request.block_ids[pos // self.block_size] * self.block_size + pos % self.block_size)
-            if item.samples:
-                last_rows.append(len(token_ids) - 1)
-                sampling.append(request)
-        chunks: list[PrefillChunk] = []
-        for item in prefills:
-            chunks.append(self._add_prefill(item, token_ids, positions, slots))
-            if item.samples:
-                last_rows.append(len(token_ids) - 1)
-                sampling.append(item.request)
-        metadata = AttentionMetadata(
-            kv_cache=self.kv_cache,
-            slot_mapping=self._tensor(slots),
-            num_decode_tokens=len(decodes),
-            prefills=chunks,
-        )
-        if decodes:
-            metadata.decode_block_tables = self._block_table_tensor([d.request for d in decodes])
-            metadata.decode_context_lens = self._tensor([d.start_position + 1 for d in decodes])
-        return StepInputs(self._tensor(token_ids), self._tensor(positions), metadata,
-                          self._tensor(last_rows), sampling)
+    def _fits_graph(self, batch: HostBatch) -> bool:
+        if self.graphs is None or not batch.is_pure_decode:
+            return False
+        return self.graphs.can_run(batch.num_decodes, len(batch.decode_tables[0]))
 
-    def _add_prefill(self, item: ScheduledRequest, token_ids: list[int], positions: list[int],
-                     slots: list[int]) -> PrefillChunk:
-        request, start, count = item.request, item.start_position, item.num_tokens
-        query_start = len(token_ids)
-        all_ids = request.all_token_ids
-        token_ids.extend(all_ids[start:start + count])
-        bs = self.block_size
-        blocks = request.block_ids
-        for pos in range(start, start + count):
-            positions.append(pos)
-            slots.append(blocks[pos // bs] * bs + pos % bs)
-        num_blocks = -(-(start + count) // bs)
-        return PrefillChunk(query_start, count, start + count, self._tensor(blocks[:num_blocks]))
+    def _logits_of_all_rows(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=0)
+        return out.logits[0]
 
-    def _block_table_tensor(self, requests: list[Request]) -> torch.Tensor:
-        width = max(len(r.block_ids) for r in requests)
-        rows = [r.block_ids + [0] * (width - len(r.block_ids)) for r in requests]
-        return self._tensor(rows)
+    def upload(self, batch: HostBatch) -> dict[str, torch.Tensor]:
+        return self.staging.upload({
+            "token_ids": batch.token_ids,
+            "positions": batch.positions,
+            "slots": batch.slots,
+            "logits_rows": batch.logits_rows,
+            "decode_tables": batch.decode_tables,
+            "decode_context_lens": batch.decode_context_lens,
+            "prefill_tables": batch.prefill_tables,
+            "prefill_cu_query_lens": batch.prefill_cu_query_lens,
+            "prefill_context_lens": batch.prefill_context_lens,
+        })
 
-    def _tensor(self, values: list[int] | list[list[int]]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+    def metadata(self, batch: HostBatch, tensors: dict[str, torch.Tensor]) -> AttentionMetadata:
+        metadata = AttentionMetadata(kv_cache=self.kv_cache, slot_mapping=tensors["slots"],
+                                     num_decode_tokens=batch.num_decodes)
+        if batch.num_decodes:
+            metadata.decode_block_tables = tensors["decode_tables"]
+            metadata.decode_context_lens = tensors["decode_context_lens"]
+        if batch.prefill_query_lens:
+            tables = tensors["prefill_tables"]
+            metadata.prefills = [
+                PrefillChunk(start, length, context, tables[i, : -(-context // self.block_size)])
+                for i, (start, length, context) in enumerate(zip(
+                    batch.prefill_query_starts, batch.prefill_query_lens, batch.prefill_context_lens))
+            ]
+            metadata.prefill_block_tables = tables
+            metadata.prefill_cu_query_lens = tensors["prefill_cu_query_lens"]
+            metadata.prefill_context_lens = tensors["prefill_context_lens"]
+        return metadata

@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from nitro_torch.config import Config
+from nitro_torch.config import Config, ModelConfig
 from nitro_torch.server.errors import APIError
 
 if TYPE_CHECKING:
@@ -322,14 +322,29 @@ class _Previous:
 
 
 def stage_weights(config: Config) -> LoadedModel:
-    """Model + tokenizer in the target dtype, on the CPU when the target is a GPU (moved in start_engine)."""
+    """Model + tokenizer in the target dtype, on the CPU when the target is a GPU (moved in start_engine).
+
+    bitsandbytes weights load straight onto the GPU: they are quantized where they load, which on the CPU
+    would take minutes, so a switch to such a model needs room for both models for a moment.
+    """
     from nitro_torch.models.loader import load_model, resolve_device, resolve_dtype
     from nitro_torch.runner.attention import register_paged_attention
 
     device = resolve_device(config.model.device)
+    if device.type != "cpu" and uses_bitsandbytes(config.model):
+        return load_model(config.model, attn_implementation=register_paged_attention())
     dtype = str(resolve_dtype(config.model.dtype, device)).removeprefix("torch.")
     staging = dataclasses.replace(config.model, device="cpu", dtype=dtype)  # type: ignore[arg-type]
     return load_model(staging, attn_implementation=register_paged_attention())
+
+
+def uses_bitsandbytes(model: ModelConfig) -> bool:
+    from nitro_torch.models.loader import resolve_model_source
+    from nitro_torch.models.quantization import checkpoint_quantization
+
+    if model.quantization != "none":
+        return True
+    return checkpoint_quantization(resolve_model_source(model.model, model.model_cache_dir)[0]) is not None
 
 
 def start_engine(loaded: LoadedModel, config: Config, cpu_threads: int | None = None) -> AsyncEngine:

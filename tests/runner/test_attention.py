@@ -60,8 +60,8 @@ def test_decode_matches_dense(num_heads: int, kv_heads: int, block_size: int, wi
     block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     q = torch.randn(len(lengths), num_heads, head_dim)
     cache = KVCache(KVLayout(1, kv_heads, head_dim, block_size, torch.float32), k_cache.shape[0], torch.device("cpu"))
-    cache.keys[0].copy_(k_cache)
-    cache.values[0].copy_(v_cache)
+    cache.keys[0][:-1].copy_(k_cache)  # the cache has one spare block at the end, for padding writes
+    cache.values[0][:-1].copy_(v_cache)
     gathered_k, gathered_v = cache.gather(0, block_tables.flatten())
     shape = (len(lengths), -1, kv_heads, head_dim)
     out = paged_decode_attention(q, gathered_k.view(shape), gathered_v.view(shape), torch.tensor(lengths), 0.2,

@@ -1,0 +1,78 @@
+"""How many KV blocks fit: on CUDA, what --gpu-memory-utilization leaves after the weights and the activations
+of the largest step (measured by running it once); on CPU, --kv-cache-memory GiB."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import PreTrainedModel
+
+from nitro_torch.runner.attention import AttentionMetadata, PrefillChunk, step_context
+from nitro_torch.runner.kv_cache import GIB, KVCache, KVLayout
+
+logger = logging.getLogger("nitro_torch.runner")
+
+SAMPLER_COPIES = 4
+"""float32 [rows, vocab] tensors the sampler may hold at once (scores, probabilities, noise, a sort)."""
+
+
+def warmup_chunks(num_tokens: int, max_model_len: int) -> list[int]:
+    """Lengths of the prefill chunks of the heaviest step: num_tokens tokens in sequences of <= max_model_len."""
+    chunks = [max_model_len] * (num_tokens // max_model_len)
+    if num_tokens % max_model_len:
+        chunks.append(num_tokens % max_model_len)
+    return chunks
+
+
+@torch.inference_mode()
+def run_largest_step(model: PreTrainedModel, device: torch.device, num_tokens: int, num_seqs: int,
+                     max_model_len: int, vocab_size: int) -> None:
+    """One forward of `num_tokens` packed tokens keeping `num_seqs` logits rows, as the heaviest step would.
+
+    It runs cache-free (each chunk attends to its own K/V), since no KV cache exists yet.
+    """
+    lengths = warmup_chunks(num_tokens, max_model_len)
+    chunks, start = [], 0
+    no_blocks = torch.empty(0, dtype=torch.long, device=device)
+    for length in lengths:
+        chunks.append(PrefillChunk(start, length, length, no_blocks))
+        start += length
+    empty_cache = KVCache(KVLayout(0, 1, 1, 1, torch.float32), 0, device)
+    metadata = AttentionMetadata(kv_cache=empty_cache, slot_mapping=no_blocks, prefills=chunks, write_kv=False)
+    input_ids = torch.zeros(1, num_tokens, dtype=torch.long, device=device)
+    positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
+    rows = min(num_seqs, num_tokens)
+    keep = torch.arange(num_tokens - rows, num_tokens, device=device)
+    with step_context(metadata):
+        logits = model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=keep).logits
+    scratch = [torch.empty(rows, vocab_size, dtype=torch.float32, device=device) for _ in range(SAMPLER_COPIES)]
+    del logits, scratch
+
+
+def gpu_kv_budget_bytes(model: PreTrainedModel, device: torch.device, utilization: float, num_tokens: int,
+                        num_seqs: int, max_model_len: int, vocab_size: int) -> int:
+    """total x utilization - memory in use now (weights, other processes) - the largest step's activation peak."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    resting = torch.cuda.memory_allocated(device)
+    run_largest_step(model, device, num_tokens, num_seqs, max_model_len, vocab_size)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - resting
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    in_use = total - free
+    budget = int(total * utilization - in_use - peak)
+    logger.info("GPU memory: %.1f GiB total, %.1f GiB in use after loading, %.2f GiB activation peak of the "
+                "largest step (%d tokens); KV budget %.1f GiB at utilization %.2f",
+                total / GIB, in_use / GIB, peak / GIB, num_tokens, budget / GIB, utilization)
+    return budget
+
+
+def describe_capacity(num_blocks: int, block_size: int, max_model_len: int, max_num_seqs: int) -> str:
+    tokens = num_blocks * block_size
+    full_context = tokens // max_model_len
+    blocks_per_1k = -(-1000 // block_size)
+    return (f"{tokens} tokens: {full_context} requests at the full {max_model_len}-token context, or "
+            f"{num_blocks // blocks_per_1k} of 1000 tokens, at once (max_num_seqs {max_num_seqs})")

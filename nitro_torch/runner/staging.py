@@ -1,0 +1,64 @@
+"""Moves a step's integer inputs to the device in one copy through a reused (pinned, on CUDA) host buffer.
+
+A step has a dozen small index tensors; one torch.tensor(..., device="cuda") each would be a dozen pageable
+copies, each a host sync. Here they are packed end to end into one pinned int64 buffer, copied with one
+non-blocking transfer into a reused device buffer, and handed out as views. Both buffers only grow.
+
+Reuse is safe because every step ends with a host sync (the sampled tokens' .tolist()), so the previous
+transfer and every kernel that read the previous views have finished before the buffers are rewritten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+IntRows = Sequence[int] | Sequence[Sequence[int]]
+
+
+class InputStaging:
+    def __init__(self, device: torch.device, initial_capacity: int = 1 << 14) -> None:
+        self.device = torch.device(device)
+        self._pinned = self.device.type == "cuda"
+        self._host = self._new_host(initial_capacity)
+        self._device_buffer = self._host if self.device.type == "cpu" else \
+            torch.empty(initial_capacity, dtype=torch.long, device=self.device)
+
+    def _new_host(self, capacity: int) -> torch.Tensor:
+        return torch.empty(capacity, dtype=torch.long, pin_memory=self._pinned)
+
+    def upload(self, arrays: Mapping[str, IntRows]) -> dict[str, torch.Tensor]:
+        """int64 device tensors of the given lists (1-D) or equal-length rows (2-D), by name."""
+        flat: list[int] = []
+        layout: list[tuple[str, int, tuple[int, ...]]] = []
+        for name, values in arrays.items():
+            start = len(flat)
+            if values and isinstance(values[0], Sequence):
+                width = len(values[0])
+                for row in values:
+                    flat.extend(row)  # type: ignore[arg-type]
+                shape: tuple[int, ...] = (len(values), width)
+            else:
+                flat.extend(values)  # type: ignore[arg-type]
+                shape = (len(values),)
+            layout.append((name, start, shape))
+        self._ensure_capacity(len(flat))
+        total = len(flat)
+        if total:
+            self._host[:total].copy_(torch.tensor(flat, dtype=torch.long))
+            if self._device_buffer is not self._host:
+                self._device_buffer[:total].copy_(self._host[:total], non_blocking=True)
+        out = {}
+        for name, start, shape in layout:
+            count = shape[0] * (shape[1] if len(shape) == 2 else 1)
+            out[name] = self._device_buffer[start:start + count].view(shape)
+        return out
+
+    def _ensure_capacity(self, needed: int) -> None:
+        if needed <= self._host.numel():
+            return
+        capacity = max(needed, 2 * self._host.numel())
+        self._host = self._new_host(capacity)
+        self._device_buffer = self._host if self.device.type == "cpu" else \
+            torch.empty(capacity, dtype=torch.long, device=self.device)
