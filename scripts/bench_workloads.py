@@ -6,7 +6,8 @@ system measured by `scripts/bench.py` sees exactly the same requests, run after 
 - `chat_requests`: the CPU workload "chat-64": templated chats with varied system and user messages
   (prompts ~30-300 tokens), `max_tokens` uniform in [16, 128].
 - `random_requests`: random token ids with uniform prompt and output lengths (the shape of the GPU
-  workload "w256": 256 requests, prompts 64-512, outputs 64-256).
+  workload "w256": 256 requests, prompts 64-512, outputs 64-256; and of "decode-b1": one request, a 32-token
+  prompt, 128 new tokens).
 """
 
 from __future__ import annotations
