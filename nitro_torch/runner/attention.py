@@ -48,6 +48,8 @@ class AttentionMetadata:
     for the varlen prefill kernel; `prefills` holds the same per chunk for the torch path."""
     prefill_cu_query_lens: torch.Tensor | None = None
     prefill_context_lens: torch.Tensor | None = None
+    prefill_tiles: tuple[torch.Tensor, torch.Tensor] | None = None
+    """The prefill kernel's query-tile map, made by the first layer and reused by the others."""
     write_kv: bool = True
     """False for cache-free forwards (embeddings): every chunk is a whole sequence attending to its own K/V."""
 
@@ -228,6 +230,7 @@ def _attend_with_kernels(meta: AttentionMetadata, layer: int, q: torch.Tensor, k
     if not meta.write_kv:  # cache-free forwards attend to their own K/V, which are not in the cache
         return _attend_with_torch(meta, layer, q, k, v, scale, sliding_window, softcap)
     from nitro_torch.runner.kernels import paged_decode_triton, prefill_paged_triton, store_kv_triton
+    from nitro_torch.runner.kernels.prefill import query_tiles
 
     k_cache, v_cache = meta.kv_cache.keys[layer], meta.kv_cache.values[layer]
     store_kv_triton(k_cache, v_cache, k, v, meta.slot_mapping)
@@ -237,9 +240,11 @@ def _attend_with_kernels(meta: AttentionMetadata, layer: int, q: torch.Tensor, k
         decode_out = paged_decode_triton(q[:nd], k_cache, v_cache, meta.decode_block_tables,
                                          meta.decode_context_lens, scale, sliding_window, softcap)
     if meta.prefills:
+        if meta.prefill_tiles is None:
+            meta.prefill_tiles = query_tiles(meta.prefill_cu_query_lens, q.shape[0] - nd)
         prefill_out = prefill_paged_triton(q[nd:], k_cache, v_cache, meta.prefill_block_tables,
                                            meta.prefill_cu_query_lens, meta.prefill_context_lens, scale,
-                                           sliding_window, softcap)
+                                           sliding_window, softcap, meta.prefill_tiles)
     if prefill_out is None:
         return decode_out
     if decode_out is None:

@@ -55,8 +55,11 @@ def prefill_paged_reference(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
 
 def prefill_paged_triton(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          block_tables: torch.Tensor, cu_query_lens: torch.Tensor, context_lens: torch.Tensor,
-                         scale: float, sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
-    """Same contract as prefill_paged_reference, flash-attention style over (query tile, head) programs."""
+                         scale: float, sliding_window: int | None = None, softcap: float | None = None,
+                         tiles: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Same contract as prefill_paged_reference, flash-attention style over (query tile, head) programs.
+
+    `tiles`: `query_tiles(cu_query_lens, T)` when the caller computed it once for all layers of a step."""
     if triton is None:
         raise RuntimeError("prefill_paged_triton needs triton")
     num_tokens, num_heads, head_dim = query.shape
@@ -67,7 +70,7 @@ def prefill_paged_triton(query: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     out = torch.empty_like(query)
     if num_tokens == 0 or num_chunks == 0:
         return out
-    tile_chunk, tile_row_start = _query_tiles(cu_query_lens, num_tokens, QUERY_ROWS_PER_TILE)
+    tile_chunk, tile_row_start = tiles if tiles is not None else query_tiles(cu_query_lens, num_tokens)
     _prefill_paged_kernel[(tile_chunk.shape[0], num_heads)](
         query, k_cache, v_cache, block_tables, cu_query_lens, context_lens, tile_chunk, tile_row_start, out,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
@@ -81,7 +84,8 @@ def prefill_paged_triton(query: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     return out
 
 
-def _query_tiles(cu_query_lens: torch.Tensor, num_tokens: int, rows_per_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+def query_tiles(cu_query_lens: torch.Tensor, num_tokens: int,
+                rows_per_tile: int = QUERY_ROWS_PER_TILE) -> tuple[torch.Tensor, torch.Tensor]:
     """Map each program's tile to (chunk, first row inside the chunk), computed on device without a sync.
 
     The grid is the upper bound ceil(T / rows) + N (each chunk wastes at most one partial tile); tiles past
