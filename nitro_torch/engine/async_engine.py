@@ -13,6 +13,8 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import torch
+
 from nitro_torch.config import Config
 from nitro_torch.engine.engine import LLMEngine
 from nitro_torch.engine.outputs import RequestOutput
@@ -231,6 +233,8 @@ class AsyncEngine:
         try:
             outputs = self.engine.step()
         except Exception as exc:
+            if is_fatal_device_error(exc):
+                raise  # the device is unusable: the loop ends, /health turns 503 and every request gets an error
             logger.exception("engine step failed; failing its requests")
             self._fail_running(exc)
             return
@@ -238,7 +242,7 @@ class AsyncEngine:
             sink = self._sinks.get(output.request_id)
             if sink is None:
                 continue
-            sink.put(output)
+            sink.put(EngineError(f"inference failed: {output.error}") if output.error else output)
             if output.finished:
                 del self._sinks[output.request_id]
 
@@ -248,3 +252,8 @@ class AsyncEngine:
             sink = self._sinks.pop(request.request_id, None)
             if sink is not None:
                 sink.put(EngineError(f"inference failed: {type(exc).__name__}"))
+
+
+def is_fatal_device_error(exc: BaseException) -> bool:
+    """A CUDA error (illegal address, device-side assert, ECC...) poisons the context: no later step can work."""
+    return isinstance(exc, torch.AcceleratorError) or "CUDA error" in str(exc)

@@ -7,6 +7,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import torch
+
 
 from nitro_torch.config import Config
 from nitro_torch.engine.block_manager import BlockManager
@@ -21,7 +23,7 @@ from nitro_torch.runner.guided import GuidedDecoder, logits_vocab_size
 from nitro_torch.runner.kv_cache import GIB, KVCache, KVLayout
 from nitro_torch.runner.memory import describe_capacity, gpu_kv_budget_bytes
 from nitro_torch.runner.model_runner import ModelRunner
-from nitro_torch.runner.sampler import Sampler
+from nitro_torch.runner.sampler import INVALID_TOKEN, SampledToken, Sampler
 from nitro_torch.sampling import SamplingParams
 
 logger = logging.getLogger("nitro_torch.engine")
@@ -131,12 +133,11 @@ class LLMEngine:
         return request
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        tracked = self._tracked.pop(request_id, None)
+        tracked = self._tracked.get(request_id)
         if tracked is None:
             return None
         self.scheduler.finish(tracked.request, FinishReason.ABORT)
-        self.sampler.release(request_id)
-        self.guided.release(request_id)
+        self._forget(request_id)
         return self._output(tracked.request, "", [], None)
 
     @property
@@ -146,42 +147,119 @@ class LLMEngine:
     # the step -------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """One step. A failure that belongs to one request (its sampling, non-finite logits, its stop check or
+        detokenizing) ends that request alone with an error output; a failed forward raises for the caller."""
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
-        logits, sampling_requests = self.runner.execute(plan)
-        grammar = self.guided.token_mask(sampling_requests) if self.guided.active and sampling_requests else None
-        sampled = self.sampler.sample(logits, sampling_requests, grammar) if sampling_requests else []
-        grammar_ended = set() if grammar is None else \
-            {sampling_requests[row] for row in self.guided.accept(grammar, [s.token_id for s in sampled])}
-        self.scheduler.update(plan, {r.request_id: s.token_id for r, s in zip(sampling_requests, sampled)})
-        outputs = []
+        try:
+            logits, sampling_requests = self.runner.execute(plan)
+        except torch.OutOfMemoryError:
+            if not self._back_off_after_oom():
+                raise
+            return []  # nothing of the step was kept (no request advanced): it runs again, smaller
+        sampled, grammar_ended, failed = self._sample(logits, sampling_requests)
+        for request, error in failed.items():
+            self.scheduler.finish(request, FinishReason.ABORT)
+        self.scheduler.update(plan, {r.request_id: s.token_id for r, s in sampled.items()})
+        outputs = [self._fail(request, error) for request, error in failed.items()]
         now = time.monotonic()
-        for request, token in zip(sampling_requests, sampled):
+        for request, token in sampled.items():
             if request.first_token_time is None:
                 request.first_token_time = now
             request.last_token_time = now
-            tracked = self._tracked.get(request.request_id)
-            if tracked is None:
-                continue
-            detokenizer = tracked.detokenizer
-            ended_on_stop_token = request.finish_reason is FinishReason.STOP
-            text = "" if ended_on_stop_token and not request.params.include_stop_str_in_output \
-                else detokenizer.add(token.token_id)
-            if request in grammar_ended:  # complete structure; a no-op when its stop token already ended it
-                self.scheduler.finish(request, FinishReason.STOP)
-            if detokenizer.stopped:
-                self.scheduler.finish(request, FinishReason.STOP)
-                request.finish_reason = FinishReason.STOP  # a stop string wins over a length limit hit at once
-            elif request.is_finished:
-                text += detokenizer.finish()
-            logprobs = [token.logprob] if token.logprob is not None else None
-            outputs.append(self._output(request, text, [token.token_id], logprobs))
-            if request.is_finished:
-                del self._tracked[request.request_id]
-                self.sampler.release(request.request_id)
-                self.guided.release(request.request_id)
+            try:
+                output = self._process(request, token, request in grammar_ended)
+            except Exception as exc:
+                logger.exception("processing the output of %s failed; ending it", request.request_id)
+                self.scheduler.finish(request, FinishReason.ABORT)
+                output = self._fail(request, f"output processing failed: {type(exc).__name__}")
+            if output is not None:
+                outputs.append(output)
         return outputs
+
+    def _back_off_after_oom(self) -> bool:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if not self.scheduler.back_off():
+            return False
+        logger.warning("out of device memory in a step; retrying with a step budget of %d tokens and %d running "
+                       "requests", self.scheduler.max_num_batched_tokens, len(self.scheduler.running))
+        return True
+
+    def _sample(self, logits: torch.Tensor | None, requests: list[Request]
+                ) -> tuple[dict[Request, SampledToken], set[Request], dict[Request, str]]:
+        """Tokens of the sampling rows, the rows whose grammar is complete, and the rows that failed (with why).
+
+        When the batch fails to sample, each row is sampled alone, so one bad request cannot fail the others."""
+        if logits is None or not requests:
+            return {}, set(), {}
+        try:
+            return self._sample_rows(logits, requests)
+        except Exception:
+            logger.exception("sampling a batch of %d failed; sampling its requests one by one", len(requests))
+        sampled: dict[Request, SampledToken] = {}
+        ended: set[Request] = set()
+        failed: dict[Request, str] = {}
+        for row, request in enumerate(requests):
+            try:
+                one_sampled, one_ended, one_failed = self._sample_rows(logits[row:row + 1], [request])
+            except Exception as exc:
+                logger.exception("sampling %s failed; ending it", request.request_id)
+                failed[request] = f"sampling failed: {type(exc).__name__}"
+                continue
+            sampled.update(one_sampled)
+            ended |= one_ended
+            failed.update(one_failed)
+        return sampled, ended, failed
+
+    def _sample_rows(self, logits: torch.Tensor, requests: list[Request]
+                     ) -> tuple[dict[Request, SampledToken], set[Request], dict[Request, str]]:
+        grammar = self.guided.token_mask(requests) if self.guided.active else None
+        tokens = self.sampler.sample(logits, requests, grammar)
+        failed = {r: "the model produced non-finite logits (NaN or inf)"
+                  for r, t in zip(requests, tokens) if t.token_id == INVALID_TOKEN}
+        for request in failed:
+            logger.error("non-finite logits for %s; ending it", request.request_id)
+        ended: set[Request] = set()
+        if grammar is not None:
+            token_ids = [t.token_id for t in tokens]
+            ended = {requests[row] for row in self.guided.accept(grammar, token_ids) if requests[row] not in failed}
+        sampled = {r: t for r, t in zip(requests, tokens) if r not in failed}
+        return sampled, ended, failed
+
+    def _process(self, request: Request, token: SampledToken, grammar_ended: bool) -> RequestOutput | None:
+        """Detokenize one sampled token, apply stop strings and grammar completion; the request's output."""
+        tracked = self._tracked.get(request.request_id)
+        if tracked is None:
+            return None
+        detokenizer = tracked.detokenizer
+        ended_on_stop_token = request.finish_reason is FinishReason.STOP
+        text = "" if ended_on_stop_token and not request.params.include_stop_str_in_output \
+            else detokenizer.add(token.token_id)
+        if grammar_ended:  # complete structure; a no-op when its stop token already ended it
+            self.scheduler.finish(request, FinishReason.STOP)
+        if detokenizer.stopped:
+            self.scheduler.finish(request, FinishReason.STOP)
+            request.finish_reason = FinishReason.STOP  # a stop string wins over a length limit hit at once
+        elif request.is_finished:
+            text += detokenizer.finish()
+        logprobs = [token.logprob] if token.logprob is not None else None
+        output = self._output(request, text, [token.token_id], logprobs)
+        if request.is_finished:
+            self._forget(request.request_id)
+        return output
+
+    def _fail(self, request: Request, error: str) -> RequestOutput:
+        output = self._output(request, "", [], None)
+        output.error = error
+        self._forget(request.request_id)
+        return output
+
+    def _forget(self, request_id: str) -> None:
+        self._tracked.pop(request_id, None)
+        self.sampler.release(request_id)
+        self.guided.release(request_id)
 
     def _output(self, request: Request, text: str, token_ids: list[int],
                 logprobs: list[TokenLogprob] | None) -> RequestOutput:

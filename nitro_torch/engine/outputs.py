@@ -32,6 +32,8 @@ class RequestOutput:
     num_cached_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     """One entry per token of `new_token_ids` when the request asked for logprobs."""
+    error: str | None = None
+    """Set on the final output of a request that failed alone (its sampling or output processing)."""
     # timings (time.monotonic), set on the finished output only
     arrival_time: float | None = None
     first_scheduled_time: float | None = None

@@ -160,6 +160,19 @@ class Scheduler:
             budget -= num_new
         return budget
 
+    def back_off(self) -> bool:
+        """After a step ran out of device memory: halve the step's token budget (down to one block) and preempt
+        the newest running request (recomputed later). False when neither is possible any more."""
+        shrunk = False
+        floor = self.block_manager.block_size
+        if self.max_num_batched_tokens > floor:
+            self.max_num_batched_tokens = max(floor, self.max_num_batched_tokens // 2)
+            shrunk = True
+        if len(self.running) > 1:
+            self._preempt(self.running[-1], StepPlan())
+            shrunk = True
+        return shrunk
+
     def _preempt(self, request: Request, plan: StepPlan) -> None:
         self.running.remove(request)
         self.block_manager.free(request)

@@ -19,6 +19,9 @@ from nitro_torch.engine.request import Request
 if TYPE_CHECKING:
     from nitro_torch.runner.guided import TokenMask
 
+INVALID_TOKEN = -1
+"""The token of a row whose logits are not finite (NaN or inf): the engine fails that request alone."""
+
 _TOP_P_DISABLED = 2.0
 """Above any cumulative probability, so float rounding in cumsum can never filter a token."""
 
@@ -45,11 +48,12 @@ class Sampler:
         """`grammar`: the allowed tokens of the rows that decode under a grammar (None: no such row)."""
         if len(requests) != logits.shape[0]:
             raise ValueError(f"{logits.shape[0]} logit rows for {len(requests)} requests")
+        finite = torch.isfinite(logits).all(dim=-1)
         if all(_is_plain_greedy(r) for r in requests):
             token_ids = logits.argmax(dim=-1)
             if grammar is not None:
                 token_ids = grammar.greedy(logits, token_ids)
-            return [SampledToken(t, None) for t in token_ids.tolist()]
+            return [SampledToken(t, None) for t in _flag_invalid(token_ids, finite).tolist()]
 
         scores = logits.to(torch.float32, copy=True)
         apply_penalties(scores, requests)
@@ -65,8 +69,8 @@ class Sampler:
 
         top_n = max((r.params.logprobs for r in requests if r.params.logprobs is not None), default=None)
         if top_n is None:
-            return [SampledToken(t, None) for t in token_ids.tolist()]
-        return _with_logprobs(logits, token_ids, requests, top_n)
+            return [SampledToken(t, None) for t in _flag_invalid(token_ids, finite).tolist()]
+        return _with_logprobs(logits, token_ids, requests, top_n, finite)
 
     def _draw(self, scores: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
         """Exponential-race sampling: argmax(p / q), q ~ Exp(1), draws each row from p.
@@ -182,15 +186,21 @@ def filter_for_sampling(scores: torch.Tensor, requests: Sequence[Request]) -> to
     return scores
 
 
+def _flag_invalid(token_ids: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """Rows whose logits hold NaN or inf get INVALID_TOKEN: flagged in the step's one transfer, not a second."""
+    return torch.where(finite, token_ids, INVALID_TOKEN)
+
+
 def _with_logprobs(
-    logits: torch.Tensor, token_ids: torch.Tensor, requests: Sequence[Request], top_n: int
+    logits: torch.Tensor, token_ids: torch.Tensor, requests: Sequence[Request], top_n: int, finite: torch.Tensor
 ) -> list[SampledToken]:
     logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
     chosen = logprobs.gather(1, token_ids[:, None])
     top_values, top_ids = logprobs.topk(top_n, dim=-1)
     # float64 holds every token id exactly, so ids and logprobs share the one transfer.
     packed = torch.cat(
-        [token_ids[:, None].double(), chosen.double(), top_ids.double(), top_values.double()], dim=1
+        [_flag_invalid(token_ids, finite)[:, None].double(), chosen.double(), top_ids.double(),
+         top_values.double()], dim=1
     ).tolist()
 
     sampled = []
