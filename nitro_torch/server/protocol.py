@@ -12,6 +12,8 @@ from nitro_torch.server.sampling_fields import SamplingFields, _Lenient
 from nitro_torch.server.tools import ToolFields
 
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+MAX_MESSAGES = 2048
+"""More messages are a 400 before any templating work; the context window usually ends a chat long before."""
 
 
 class ChatMessage(_Lenient):
@@ -38,7 +40,7 @@ class ChatMessage(_Lenient):
 
 
 class ChatCompletionRequest(ToolFields, SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = False

@@ -151,6 +151,19 @@ def test_n_message(client):
     assert error["message"] == "'n' must be between 1 and 64"
 
 
+def test_message_count_limit(client):
+    many = [{"role": "user", "content": "hi"}] * 2049
+    error = assert_error(client.post("/v1/chat/completions", json={**HELLO, "messages": many}), 400,
+                         param="messages")
+    assert "2048" in error["message"]
+
+
+def test_stop_string_limit(client):
+    error = assert_error(client.post("/v1/chat/completions", json={**HELLO, "stop": ["x"] * 17}), 400,
+                         param="stop")
+    assert "16" in error["message"]
+
+
 def test_context_length(client, real_engine, tokenizer):
     window = real_engine.max_model_len
     room = window - len(template_ids(tokenizer, HELLO_MESSAGES))
