@@ -71,6 +71,7 @@ class ServerConfig:
     log_level: Literal["debug", "info", "warning", "error"] = field(default="info", metadata={"help": "log verbosity"})
     max_queued_requests: int = field(default=1024, metadata={"help": "most requests waiting for the engine; more are 429 with Retry-After (0: no bound)"})
     max_request_bytes: int = field(default=8 << 20, metadata={"help": "largest request body in bytes; larger is 413 (0: no limit)"})
+    request_timeout: float = field(default=0.0, metadata={"help": "seconds a request may take from arrival; then it ends with finish_reason 'length' and what it has produced (0: no limit)"})
     shutdown_timeout: float = field(default=30.0, metadata={"help": "seconds in-flight requests may finish after SIGTERM before the server exits"})
 
 
@@ -102,8 +103,11 @@ class Config:
             raise ConfigError("kv_cache_memory must be positive")
         if self.scheduler.max_num_seqs < 1 or self.scheduler.max_num_batched_tokens < 1:
             raise ConfigError("max_num_seqs and max_num_batched_tokens must be positive")
-        if self.server.max_queued_requests < 0 or self.server.max_request_bytes < 0 or self.server.shutdown_timeout < 0:
-            raise ConfigError("max_queued_requests, max_request_bytes and shutdown_timeout may not be negative")
+        server = self.server
+        if min(server.max_queued_requests, server.max_request_bytes, server.shutdown_timeout,
+               server.request_timeout) < 0:
+            raise ConfigError("max_queued_requests, max_request_bytes, shutdown_timeout and request_timeout may not "
+                              "be negative")
         if not 0 < self.server.port < 65536:
             raise ConfigError("port must be in 1..65535")
         if self.chat.chat_template and not Path(self.chat.chat_template).is_file():

@@ -149,9 +149,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One step. A failure that belongs to one request (its sampling, non-finite logits, its stop check or
         detokenizing) ends that request alone with an error output; a failed forward raises for the caller."""
+        expired = self.expire_requests()
         plan = self.scheduler.schedule()
         if plan.is_empty:
-            return []
+            return expired
         try:
             logits, sampling_requests = self.runner.execute(plan)
         except torch.OutOfMemoryError:
@@ -162,7 +163,7 @@ class LLMEngine:
         for request, error in failed.items():
             self.scheduler.finish(request, FinishReason.ABORT)
         self.scheduler.update(plan, {r.request_id: s.token_id for r, s in sampled.items()})
-        outputs = [self._fail(request, error) for request, error in failed.items()]
+        outputs = expired + [self._fail(request, error) for request, error in failed.items()]
         now = time.monotonic()
         for request, token in sampled.items():
             if request.first_token_time is None:
@@ -176,6 +177,24 @@ class LLMEngine:
                 output = self._fail(request, f"output processing failed: {type(exc).__name__}")
             if output is not None:
                 outputs.append(output)
+        return outputs
+
+    def expire_requests(self, now: float | None = None) -> list[RequestOutput]:
+        """End the requests older than --request-timeout with finish_reason 'length' and what they produced."""
+        timeout = self.config.server.request_timeout
+        if not timeout:
+            return []
+        now = time.monotonic() if now is None else now
+        outputs = []
+        for request_id, tracked in list(self._tracked.items()):
+            request = tracked.request
+            if now - request.arrival_time <= timeout:
+                continue
+            self.scheduler.finish(request, FinishReason.LENGTH)
+            outputs.append(self._output(request, tracked.detokenizer.finish(), [], None))
+            self._forget(request_id)
+        if outputs:
+            logger.warning("%d requests ended by the %.0f s request timeout", len(outputs), timeout)
         return outputs
 
     def _back_off_after_oom(self) -> bool:
