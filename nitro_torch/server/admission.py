@@ -6,7 +6,7 @@ answers before any body is parsed or tokenized:
 * draining (`app.state.draining`, set by run_server as soon as SIGTERM/SIGINT arrives): every new request but
   the probes (`/health`, `/ready`, `/healthz`, `/metrics`) is 503 `server_draining`; requests already admitted
   finish undisturbed.
-* `--max-queued-requests`: a generation request (chat / text completions) is admitted only while fewer than
+* `--max-queued-requests`: an engine request (chat / text completions, embeddings) is admitted only while fewer than
   that many requests wait for the engine: the engine's `num_waiting` plus the requests this layer admitted that
   are not in the engine yet (still reading or tokenizing), less the engine's free running slots. Beyond it:
   429 `too_many_requests` with Retry-After. 0 disables the bound.
@@ -23,8 +23,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nitro_torch.server.errors import APIError
 
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/inferences/llamacpp/chat_completion"})
-"""Routes that queue work in the engine (matched case-insensitively, as Nitro's paths are)."""
+ENGINE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/inferences/llamacpp/chat_completion",
+                          "/v1/embeddings"})
+"""Routes that queue work in the engine (matched case-insensitively, as Nitro's paths are). An embedding
+request never becomes a live generation, so it counts as waiting for as long as it is served."""
 PROBE_PATHS = frozenset({"/health", "/ready", "/healthz", "/metrics"})
 """Answered while draining too (liveness, readiness, metrics)."""
 RETRY_AFTER_S = 1
@@ -67,7 +69,7 @@ class AdmissionMiddleware:
         self.max_queued_requests = max_queued_requests
         self.max_request_bytes = max_request_bytes
         self.pending = 0
-        """Generation requests admitted here and not finished (in the engine or on their way to it)."""
+        """Engine requests admitted here and not finished (in the engine or on their way to it)."""
 
     def queued(self, app: Any) -> int:
         """Requests waiting for the engine, as this layer and the engine see them together."""
@@ -100,8 +102,8 @@ class AdmissionMiddleware:
                     if declared > limit:
                         await _send_error(send, too_large_error(limit), {"Connection": "close"})
                         return
-        generation = scope.get("method") == "POST" and path in GENERATION_PATHS
-        if generation and self.max_queued_requests > 0 and self.queued(app) >= self.max_queued_requests:
+        queues_work = scope.get("method") == "POST" and path in ENGINE_PATHS
+        if queues_work and self.max_queued_requests > 0 and self.queued(app) >= self.max_queued_requests:
             await _send_error(send, overloaded_error(self.max_queued_requests), {"Retry-After": str(RETRY_AFTER_S)})
             return
         if limit > 0:
@@ -114,7 +116,7 @@ class AdmissionMiddleware:
                 started = True
             await send(message)
 
-        if generation:
+        if queues_work:
             self.pending += 1
         try:
             await self.app(scope, receive, tracking_send)
@@ -122,7 +124,7 @@ class AdmissionMiddleware:
             if not started:
                 await _send_error(send, too_large_error(limit), {"Connection": "close"})
         finally:
-            if generation:
+            if queues_work:
                 self.pending -= 1
 
     @staticmethod
