@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from nitro_torch.config import Config
-from nitro_torch.server import embeddings_api, nitro_api, openai_api, text_completions, tokenize_api
+from nitro_torch.server import embeddings_api, nitro_api, openai_api, openapi, text_completions, tokenize_api
 from nitro_torch.server import metrics as metrics_api
 from nitro_torch.server.admission import AdmissionMiddleware, ready
 from nitro_torch.server.errors import EXCEPTION_HANDLERS, APIError
@@ -83,6 +83,7 @@ def create_app(config: Config, engine: AsyncEngine | None = None, *, host: Model
         Route("/health", health, methods=["GET"]),
         *metrics_api.routes,
         Route("/ready", ready, methods=["GET"]),
+        *openapi.routes,
     ]
     middleware = [*security_middleware(config),  # CORS, API key, --log-prompts (request ids: outermost, below)
                   Middleware(AdmissionMiddleware, max_queued_requests=config.server.max_queued_requests,
