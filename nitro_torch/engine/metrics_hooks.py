@@ -81,8 +81,8 @@ class RequestMetrics:
 
     def observe(self, output: RequestOutput) -> None:
         """One finished request. Every request counts its own prompt (n > 1 choices each count it)."""
-        data = self._data
         with self._lock:
+            data = self._data
             data.prompt_tokens += output.num_prompt_tokens
             data.generation_tokens += output.num_output_tokens
             reason = output.finish_reason.value if output.finish_reason is not None else "unknown"
@@ -100,6 +100,11 @@ class RequestMetrics:
                 if last_token is not None and output.num_output_tokens > 1:  # mean gap between its tokens
                     data.inter_token_latency.observe(
                         max(0.0, last_token - first_token) / (output.num_output_tokens - 1))
+
+    def reset(self) -> None:
+        """Forget everything observed so far (a warm-up request is not traffic)."""
+        with self._lock:
+            self._data = MetricsSnapshot()
 
     def snapshot(self) -> MetricsSnapshot:
         with self._lock:

@@ -64,6 +64,31 @@ def token_texts(request: Request, engine: AsyncEngine) -> TokenTexts:
     return texts
 
 
+MAX_JSON_DEPTH = 128
+"""Deeper bodies are a 400: the recursive code behind the parser (pydantic, chat templates, grammars) would
+otherwise run out of stack on them and answer 500."""
+
+
+def _too_deep(data: Any) -> bool:
+    """Whether `data` nests arrays and objects more than MAX_JSON_DEPTH levels (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            value = value.values()
+        elif not isinstance(value, list):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            return True
+        stack.extend((item, depth + 1) for item in value if isinstance(item, (dict, list)))
+    return False
+
+
+def _nested_too_deeply() -> APIError:
+    return APIError(400, f"The request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep.",
+                    code="invalid_json")
+
+
 async def read_json_object(request: Request) -> dict:
     raw = await request.body()
     try:
@@ -72,6 +97,10 @@ async def read_json_object(request: Request) -> dict:
         raise invalid_json_error(exc) from None
     except UnicodeDecodeError:
         raise APIError(400, "The request body is not valid UTF-8.", code="invalid_json") from None
+    except RecursionError:  # json's C scanner: thousands of levels
+        raise _nested_too_deeply() from None
+    if _too_deep(data):
+        raise _nested_too_deeply()
     if not isinstance(data, dict):
         raise APIError(400, f"The request body must be a JSON object, not {type(data).__name__}.",
                        code="invalid_json")

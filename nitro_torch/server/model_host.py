@@ -148,9 +148,23 @@ class ModelHost:
         self.base_config = base_config  # the start-up configuration; loads override its model fields
         self.drain_timeout_s = drain_timeout_s
         self.retry_after_s = retry_after_s
-        self.serving: Serving | None = None
+        self._serving: Serving | None = None
+        self.served_metrics: list[tuple[str, Any]] = []
+        """(model name, its engine's RequestMetrics) of every engine that has served, in order: what /metrics
+        exports, so an engine that came and went between two scrapes is still counted (no engine is kept)."""
         self.state = HostState.EMPTY
         self._switch: asyncio.Future[Any] | None = None
+
+    @property
+    def serving(self) -> Serving | None:
+        return self._serving
+
+    @serving.setter
+    def serving(self, serving: Serving | None) -> None:
+        self._serving = serving
+        metrics = getattr(getattr(serving.engine, "engine", None), "request_metrics", None) if serving else None
+        if metrics is not None and not any(seen is metrics for _, seen in self.served_metrics):
+            self.served_metrics.append((serving.engine.model_name, metrics))
 
     # what routes see ------------------------------------------------------------------------------
 
@@ -374,6 +388,7 @@ async def warm_up(engine: AsyncEngine) -> None:
     prompt = list(engine.tokenizer.encode("Hello")) or [0]
     async for _ in engine.generate(f"warmup-{uuid.uuid4().hex}", prompt, SamplingParams(max_tokens=1, temperature=0.0)):
         pass
+    engine.engine.request_metrics.reset()  # /metrics counts traffic only
 
 
 def free_memory() -> None:

@@ -124,3 +124,24 @@ def test_metrics_without_a_model(engine_config):
     families = list(text_string_to_metric_families(response.text))
     assert families and all(f.name.startswith("nitro:") for f in families)
     assert not any(f.samples for f in families)  # nothing served yet: no series
+
+
+def test_an_engine_that_served_between_two_scrapes_is_counted(tiny_model_dir):
+    """A model serves, then loadmodel replaces it by a fresh engine, with no scrape in between: the requests
+    the first engine served are still counted."""
+    from nitro_torch.config import build_config
+    from nitro_torch.server.app import create_app
+
+    config = build_config({"model": "none", "device": "cpu", "num_kv_blocks": 32}, env={})
+    load = "/inferences/llamacpp/loadmodel"
+    with TestClient(create_app(config)) as http:
+        assert http.post(load, json={"model": tiny_model_dir}).status_code == 200
+        model = http.get("/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "messages": HELLO, "max_tokens": 3, "ignore_eos": True, "temperature": 0}
+        assert http.post("/v1/chat/completions", json=body).status_code == 200
+        assert http.post(load, json={"model": tiny_model_dir}).status_code == 200  # a new engine
+        families = list(text_string_to_metric_families(http.get("/metrics").text))
+    samples = {(s.name, frozenset(s.labels.items())): s.value for f in families for s in f.samples}
+    assert value(samples, "nitro:generation_tokens_total", model) == 3
+    assert value(samples, "nitro:request_success_total", model, finished_reason="length") == 1
+    assert value(samples, "nitro:num_requests_running", model) == 0
