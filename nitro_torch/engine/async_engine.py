@@ -230,6 +230,7 @@ class AsyncEngine:
             sink.put(output)
 
     def _step(self) -> None:
+        self._deliver(self.engine.expire_requests())
         try:
             outputs = self.engine.step()
         except Exception as exc:
@@ -238,6 +239,9 @@ class AsyncEngine:
             logger.exception("engine step failed; failing its requests")
             self._fail_running(exc)
             return
+        self._deliver(outputs)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
             sink = self._sinks.get(output.request_id)
             if sink is None:

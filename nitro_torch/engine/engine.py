@@ -149,10 +149,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One step. A failure that belongs to one request (its sampling, non-finite logits, its stop check or
         detokenizing) ends that request alone with an error output; a failed forward raises for the caller."""
-        expired = self.expire_requests()
         plan = self.scheduler.schedule()
         if plan.is_empty:
-            return expired
+            return []
         try:
             logits, sampling_requests = self.runner.execute(plan)
         except torch.OutOfMemoryError:
@@ -163,7 +162,7 @@ class LLMEngine:
         for request, error in failed.items():
             self.scheduler.finish(request, FinishReason.ABORT)
         self.scheduler.update(plan, {r.request_id: s.token_id for r, s in sampled.items()})
-        outputs = expired + [self._fail(request, error) for request, error in failed.items()]
+        outputs = [self._fail(request, error) for request, error in failed.items()]
         now = time.monotonic()
         for request, token in sampled.items():
             if request.first_token_time is None:
@@ -180,7 +179,8 @@ class LLMEngine:
         return outputs
 
     def expire_requests(self, now: float | None = None) -> list[RequestOutput]:
-        """End the requests older than --request-timeout with finish_reason 'length' and what they produced."""
+        """End the requests older than --request-timeout with finish_reason 'length' and what they produced.
+        The server's engine loop calls it before every step."""
         timeout = self.config.server.request_timeout
         if not timeout:
             return []
