@@ -4,27 +4,16 @@ Positions attended are [0, context_len) (the current token is the last one, alre
 the last `sliding_window` positions when given. Rows with context_len == 0 are batch padding and yield zeros.
 """
 
-import os
-
 import torch
 
-try:
-    import triton
+from nitro_torch.runner.kernels.tiles import dot_settings, triton
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # triton is optional: CPU-only installs use the reference
-    triton = None
+
+    from nitro_torch.runner.kernels.tiles import load_kv_tile, online_softmax_step, triton_tanh
 
 KEYS_PER_TILE = 32
-
-
-def dot_settings(dtype: torch.dtype) -> dict[str, object]:
-    """tl.dot options: exact products for fp32 models (no TF32 rounding), the backend default for 16-bit.
-
-    Triton's interpreter multiplies bfloat16 dot operands as their raw uint16 bits, so there they go in fp32.
-    """
-    upcast = os.environ.get("TRITON_INTERPRET") == "1" and dtype == torch.bfloat16
-    exact = dtype == torch.float32 or upcast
-    return {"DOT_PRECISION": "ieee" if exact else None, "DOT_IN_FP32": upcast}
 
 
 def paged_decode_reference(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -87,11 +76,6 @@ def paged_decode_triton(query: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 if triton is not None:
 
     @triton.jit
-    def triton_tanh(x):
-        # 1 - 2 / (e^{2x} + 1) saturates cleanly to +-1 where e^{2x} overflows or underflows.
-        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-
-    @triton.jit
     def _paged_decode_kernel(
         query, k_cache, v_cache, block_tables, context_lens, out,
         q_stride_req, q_stride_head, out_stride_req, out_stride_head,
@@ -125,27 +109,15 @@ if triton is not None:
         for tile_start in range(start, context_len, KEYS_PER_TILE):
             positions = tile_start + tl.arange(0, KEYS_PER_TILE)
             key_ok = positions < context_len
-            block_ids = tl.load(table_row + positions // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-            rows = block_ids * cache_stride_block + (positions % BLOCK_SIZE) * cache_stride_slot \
-                + kv_head * cache_stride_head
-            kv_mask = key_ok[:, None] & dim_ok[None, :]
-            k = tl.load(k_cache + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_cache + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-            if DOT_IN_FP32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-
+            k, v = load_kv_tile(k_cache, v_cache, table_row, positions, key_ok, kv_head, dims, dim_ok,
+                                cache_stride_block, cache_stride_slot, cache_stride_head, BLOCK_SIZE, DOT_IN_FP32)
             scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
             if USE_SOFTCAP:
                 scores = softcap * triton_tanh(scores / softcap)
             scores = tl.where(key_ok[None, :], scores, float("-inf"))
 
-            tile_max = tl.maximum(running_max, tl.max(scores, axis=1))
-            probs = tl.exp(scores - tile_max[:, None])
-            rescale = tl.exp(running_max - tile_max)
-            running_sum = running_sum * rescale + tl.sum(probs, axis=1)
-            acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
-            running_max = tile_max
+            running_max, running_sum, acc = online_softmax_step(scores, v, running_max, running_sum, acc,
+                                                                 DOT_PRECISION)
 
         running_sum = tl.where(running_sum > 0, running_sum, 1.0)  # context_len == 0: zeros, not 0/0
         result = acc / running_sum[:, None]

@@ -12,10 +12,12 @@ built per step. This kernel reads the blocks in place.
 
 import torch
 
-from nitro_torch.runner.kernels.paged_decode import dot_settings, triton, triton_tanh
+from nitro_torch.runner.kernels.tiles import dot_settings, triton
 
 if triton is not None:
     import triton.language as tl
+
+    from nitro_torch.runner.kernels.tiles import load_kv_tile, online_softmax_step, triton_tanh
 
 QUERY_ROWS_PER_TILE = 64
 KEYS_PER_TILE = 32
@@ -148,16 +150,8 @@ if triton is not None:
         for tile_start in range(kv_start, kv_end, KEYS_PER_TILE):
             positions = tile_start + tl.arange(0, KEYS_PER_TILE)
             key_ok = positions < kv_end
-            block_ids = tl.load(table_row + positions // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-            cache_rows = block_ids * cache_stride_block + (positions % BLOCK_SIZE) * cache_stride_slot \
-                + kv_head * cache_stride_head
-            kv_mask = key_ok[:, None] & dim_ok[None, :]
-            k = tl.load(k_cache + cache_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_cache + cache_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-            if DOT_IN_FP32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-
+            k, v = load_kv_tile(k_cache, v_cache, table_row, positions, key_ok, kv_head, dims, dim_ok,
+                                cache_stride_block, cache_stride_slot, cache_stride_head, BLOCK_SIZE, DOT_IN_FP32)
             scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
             if USE_SOFTCAP:
                 scores = softcap * triton_tanh(scores / softcap)
@@ -166,12 +160,8 @@ if triton is not None:
                 allowed = allowed & (positions[None, :] > q_positions[:, None] - sliding_window)
             scores = tl.where(allowed, scores, float("-inf"))
 
-            tile_max = tl.maximum(running_max, tl.max(scores, axis=1))
-            probs = tl.exp(scores - tile_max[:, None])
-            rescale = tl.exp(running_max - tile_max)
-            running_sum = running_sum * rescale + tl.sum(probs, axis=1)
-            acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
-            running_max = tile_max
+            running_max, running_sum, acc = online_softmax_step(scores, v, running_max, running_sum, acc,
+                                                                 DOT_PRECISION)
 
         running_sum = tl.where(running_sum > 0, running_sum, 1.0)
         result = acc / running_sum[:, None]
