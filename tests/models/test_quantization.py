@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -276,27 +272,11 @@ def test_in_process_server_loads_quantized_weights(tiny_model_dir: str, quantiza
 @pytest.fixture
 def quantized_server() -> Iterator[str]:
     """`nitro-torch serve --quantization bnb-4bit` as a subprocess on the default model; yields its /v1 URL."""
-    from tests.server.conftest import _wait_until_healthy, free_port
+    from tests.server.conftest import server_process
 
-    port = free_port()
-    log = tempfile.NamedTemporaryFile(prefix="nitro-bnb-", suffix=".log", delete=False)
-    command = [sys.executable, "-m", "nitro_torch.cli", "serve", "--port", str(port), "--device", "cpu",
-               "--quantization", "bnb-4bit", "--max-model-len", "1024", "--kv-cache-memory", "0.1",
-               "--log-level", "warning"]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_healthy(process, base_url, Path(log.name))
+    with server_process("--device", "cpu", "--quantization", "bnb-4bit", "--max-model-len", "1024",
+                        "--kv-cache-memory", "0.1", "--log-level", "warning") as (_, base_url, _):
         yield base_url + "/v1"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-        os.unlink(log.name)
 
 
 @pytest.mark.slow

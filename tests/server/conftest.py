@@ -3,7 +3,6 @@ thread over it), and a real server process."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
 import subprocess
@@ -110,29 +109,37 @@ def threaded_server(engine_config, real_engine) -> Iterator[RunningServer]:
         yield RunningServer(url, real_engine)
 
 
-@pytest.fixture(scope="session")
-def live_server() -> Iterator[RunningServer]:
-    """`nitro-torch serve` as a subprocess on the real default model."""
-    if importlib.util.find_spec("nitro_torch.engine.async_engine") is None:
-        pytest.skip("nitro_torch.engine.async_engine is not there yet")
+@contextmanager
+def server_process(*options: str, wait_healthy: bool = True) -> Iterator[tuple[subprocess.Popen, str, Path]]:
+    """`nitro-torch serve` on a free port with `options`; yields (process, base URL, log file), once /health
+    answers unless `wait_healthy` is False; stops it after (SIGTERM, then SIGKILL after 30 s)."""
     port = free_port()
-    log = tempfile.NamedTemporaryFile(prefix="nitro-live-", suffix=".log", delete=False)
-    command = [sys.executable, "-m", "nitro_torch.cli", "serve", "--port", str(port), "--max-num-seqs", "32",
-               "--max-model-len", str(LIVE_MAX_MODEL_LEN), "--log-level", "warning"]
+    log = tempfile.NamedTemporaryFile(prefix="nitro-serve-", suffix=".log", delete=False)
+    command = [sys.executable, "-m", "nitro_torch.cli", "serve", "--port", str(port), *options]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
     base_url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_healthy(process, base_url, Path(log.name))
-        yield RunningServer(base_url)
+        if wait_healthy:
+            _wait_until_healthy(process, base_url, Path(log.name))
+        yield process, base_url, Path(log.name)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
         log.close()
         os.unlink(log.name)
+
+
+@pytest.fixture(scope="session")
+def live_server() -> Iterator[RunningServer]:
+    """`nitro-torch serve` as a subprocess on the real default model."""
+    with server_process("--max-num-seqs", "32", "--max-model-len", str(LIVE_MAX_MODEL_LEN),
+                        "--log-level", "warning") as (_, base_url, _):
+        yield RunningServer(base_url)
 
 
 def _wait_until_healthy(process: subprocess.Popen, base_url: str, log_path: Path) -> None:

@@ -3,46 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 
-from .conftest import LIVE_MAX_MODEL_LEN, _wait_until_healthy, free_port
+from .conftest import LIVE_MAX_MODEL_LEN, server_process
 from .helpers import HELLO
 
 MAX_TOKENS = 200
 
 
-@contextmanager
-def server_process(*options: str) -> Iterator[tuple[subprocess.Popen, str, Path]]:
-    """`nitro-torch serve` on a free port with `options`; yields (process, base URL, log file); kills it after."""
-    port = free_port()
-    log = tempfile.NamedTemporaryFile(prefix="nitro-drain-", suffix=".log", delete=False)
-    command = [sys.executable, "-m", "nitro_torch.cli", "serve", "--port", str(port), *options]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
-    try:
-        yield process, f"http://127.0.0.1:{port}", Path(log.name)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        log.close()
-        os.unlink(log.name)
-
-
 def test_sigterm_drains_a_stream_then_exits_0():
     with server_process("--max-model-len", str(LIVE_MAX_MODEL_LEN), "--kv-cache-memory", "0.1",
                         "--shutdown-timeout", "60", "--log-level", "info") as (process, base, log):
-        _wait_until_healthy(process, base, log)
         assert httpx.get(base + "/ready", timeout=5).status_code == 200
         lines: list[str] = []
         first_chunk = threading.Event()
@@ -93,8 +68,8 @@ def test_sigterm_drains_a_stream_then_exits_0():
 
 
 def test_model_none_is_not_ready_and_exits_0_on_sigterm():
-    with server_process("--model", "none", "--shutdown-timeout", "5", "--log-level", "warning") as (
-            process, base, log):
+    with server_process("--model", "none", "--shutdown-timeout", "5", "--log-level", "warning",
+                        wait_healthy=False) as (process, base, log):
         deadline = time.monotonic() + 120
         response = None
         while response is None and time.monotonic() < deadline:
