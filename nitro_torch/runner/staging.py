@@ -4,8 +4,9 @@ A step has a dozen small index tensors; one torch.tensor(..., device="cuda") eac
 copies, each a host sync. Here they are packed end to end into one pinned int64 buffer, copied with one
 non-blocking transfer into a reused device buffer, and handed out as views. Both buffers only grow.
 
-Reuse is safe because every step ends with a host sync (the sampled tokens' .tolist()), so the previous
-transfer and every kernel that read the previous views have finished before the buffers are rewritten.
+The device buffer is rewritten only by a copy queued behind every kernel of the previous step, so stream order
+protects it. The pinned buffer is not: a step in which no request samples ends without a host sync, so before
+rewriting it we wait for the event recorded after the previous transfer (normally long done: no wait).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class InputStaging:
         self._host = self._new_host(initial_capacity)
         self._device_buffer = self._host if self.device.type == "cpu" else \
             torch.empty(initial_capacity, dtype=torch.long, device=self.device)
+        self._copied = torch.cuda.Event() if self._pinned else None
+        self._copy_pending = False
 
     def _new_host(self, capacity: int) -> torch.Tensor:
         return torch.empty(capacity, dtype=torch.long, pin_memory=self._pinned)
@@ -43,12 +46,18 @@ class InputStaging:
                 flat.extend(values)  # type: ignore[arg-type]
                 shape = (len(values),)
             layout.append((name, start, shape))
+        if self._copy_pending:
+            self._copied.synchronize()  # type: ignore[union-attr]
+            self._copy_pending = False
         self._ensure_capacity(len(flat))
         total = len(flat)
         if total:
             self._host[:total].copy_(torch.tensor(flat, dtype=torch.long))
             if self._device_buffer is not self._host:
                 self._device_buffer[:total].copy_(self._host[:total], non_blocking=True)
+                if self._copied is not None:
+                    self._copied.record()
+                    self._copy_pending = True
         out = {}
         for name, start, shape in layout:
             count = shape[0] * (shape[1] if len(shape) == 2 else 1)
