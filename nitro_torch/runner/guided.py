@@ -78,7 +78,7 @@ def structural_tag_json(spec: str) -> str:
     """xgrammar's structural tag JSON; the legacy {"structures": [{begin, schema, end}], "triggers"} is converted."""
     try:
         value = json.loads(spec)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return spec  # xgrammar words the error
     if isinstance(value, dict) and "structures" in value and "format" not in value:
         items = [xgr.StructuralTagItem(**item) for item in value["structures"]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import weakref
 from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -67,21 +68,30 @@ def token_texts(request: Request, engine: AsyncEngine) -> TokenTexts:
 MAX_JSON_DEPTH = 128
 """Deeper bodies are a 400: the recursive code behind the parser (pydantic, chat templates, grammars) would
 otherwise run out of stack on them and answer 500."""
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+"""json.loads joins escaped surrogate pairs, so what is left is unpaired: not Unicode, and the tokenizer fails on it."""
 
 
-def _too_deep(data: Any) -> bool:
-    """Whether `data` nests arrays and objects more than MAX_JSON_DEPTH levels (iterative: no recursion)."""
+def _malformed(data: Any) -> APIError | None:
+    """Why `data` (a parsed body) is unusable though it is JSON, walking it without recursion."""
     stack: list[tuple[Any, int]] = [(data, 1)]
     while stack:
         value, depth = stack.pop()
+        if isinstance(value, str):
+            if _LONE_SURROGATE.search(value):
+                return APIError(400, "The request body has a string with an unpaired UTF-16 surrogate escape "
+                                     "(\\ud800-\\udfff); strings must be valid Unicode.", code="invalid_json")
+            continue
         if isinstance(value, dict):
-            value = value.values()
-        elif not isinstance(value, list):
+            children: list[Any] = [*value, *value.values()]
+        elif isinstance(value, list):
+            children = value
+        else:
             continue
         if depth > MAX_JSON_DEPTH:
-            return True
-        stack.extend((item, depth + 1) for item in value if isinstance(item, (dict, list)))
-    return False
+            return _nested_too_deeply()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (str, dict, list)))
+    return None
 
 
 def _nested_too_deeply() -> APIError:
@@ -99,8 +109,9 @@ async def read_json_object(request: Request) -> dict:
         raise APIError(400, "The request body is not valid UTF-8.", code="invalid_json") from None
     except RecursionError:  # json's C scanner: thousands of levels
         raise _nested_too_deeply() from None
-    if _too_deep(data):
-        raise _nested_too_deeply()
+    error = _malformed(data)
+    if error is not None:
+        raise error
     if not isinstance(data, dict):
         raise APIError(400, f"The request body must be a JSON object, not {type(data).__name__}.",
                        code="invalid_json")

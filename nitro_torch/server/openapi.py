@@ -43,6 +43,9 @@ def _object(required: tuple[str, ...] = (), **properties: Schema) -> Schema:
 _STRING: Schema = {"type": "string"}
 _NULLABLE_STRING: Schema = {"type": ["string", "null"]}
 _BOOLEAN: Schema = {"type": "boolean"}
+_SSE_EVENT: Schema = {**_object(("data",), data=_STRING, event=_STRING, id=_STRING, retry={"type": "integer"}),
+                      "description": "One server-sent event (OpenAPI 3.1 has a stream's schema describe each event): "
+                                     "`data` is a JSON chunk, and `[DONE]` in the last event."}
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,7 @@ def _operation(path: str, method: str, operation: Operation, refs: dict[type[Bas
     ok = refs[operation.ok] if isinstance(operation.ok, type) else operation.ok
     content = {operation.media_type: {"schema": ok or {}}}
     if operation.stream:
-        content["text/event-stream"] = {"schema": _STRING}
+        content["text/event-stream"] = {"schema": _SSE_EVENT}
     spec: Schema = {
         "operationId": f"{method.lower()}_{re.sub(r'[^A-Za-z0-9]+', '_', path).strip('_')}",
         "summary": operation.summary,

@@ -85,6 +85,8 @@ def _json_schema(value: Any, param: str) -> GuidedDecoding:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
             raise SamplingParamsError(param, f"'{param}' is not valid JSON: {exc.msg}") from None
+        except RecursionError:
+            raise SamplingParamsError(param, f"'{param}' nests too deeply") from None
     if not isinstance(value, dict | bool):
         raise SamplingParamsError(param, f"'{param}' must be a JSON schema object")
     return GuidedDecoding("json_schema", json.dumps(value))

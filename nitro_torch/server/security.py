@@ -112,7 +112,7 @@ class PromptLogMiddleware:
     def _log(scope: Scope, body: bytes) -> None:
         try:
             data: Any = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return
         if not isinstance(data, dict):
             return

@@ -172,7 +172,7 @@ def _template_arguments(arguments: Any) -> Any:
     if isinstance(arguments, str):
         try:
             parsed = json.loads(arguments)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return arguments
         return parsed if isinstance(parsed, dict) else arguments
     return arguments
