@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from nitro_torch.runner.guided import TokenMask
 
 INVALID_TOKEN = -1
-"""The token of a row whose logits are not finite (NaN or inf): the engine fails that request alone."""
+"""The token of a row whose logits are broken (a NaN, +inf, or no finite value; -inf entries are fine, some
+models mask tokens so): the engine fails that request alone."""
 
 _TOP_P_DISABLED = 2.0
 """Above any cumulative probability, so float rounding in cumsum can never filter a token."""
@@ -48,7 +49,7 @@ class Sampler:
         """`grammar`: the allowed tokens of the rows that decode under a grammar (None: no such row)."""
         if len(requests) != logits.shape[0]:
             raise ValueError(f"{logits.shape[0]} logit rows for {len(requests)} requests")
-        finite = torch.isfinite(logits).all(dim=-1)
+        finite = torch.isfinite(logits.amax(dim=-1))  # False for NaN (max propagates it), +inf, or all -inf
         if all(_is_plain_greedy(r) for r in requests):
             token_ids = logits.argmax(dim=-1)
             if grammar is not None:
@@ -187,7 +188,7 @@ def filter_for_sampling(scores: torch.Tensor, requests: Sequence[Request]) -> to
 
 
 def _flag_invalid(token_ids: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
-    """Rows whose logits hold NaN or inf get INVALID_TOKEN: flagged in the step's one transfer, not a second."""
+    """Broken rows get INVALID_TOKEN: flagged within the step's one transfer, not with a second."""
     return torch.where(finite, token_ids, INVALID_TOKEN)
 
 
