@@ -189,7 +189,7 @@ OPTIONS: dict[str, Option] = _collect_options()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file of options (keys as below, with - or _)")
+    parser.add_argument("--config", help=f"YAML file of options (keys as below, with - or _) [env {CONFIG_ENV}]")
     for opt in OPTIONS.values():
         base, _ = _unwrap(opt.type)
         default_text = f" [default: {opt.default}; env {opt.env}]"
@@ -200,6 +200,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             choices = list(get_args(base)) if get_origin(base) is Literal else None
             parser.add_argument(opt.flag, dest=opt.name, default=None, choices=choices,
                                 help=opt.help + default_text)
+
+
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+"""The config file's path, for containers where flags are awkward (a --config flag wins)."""
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -220,8 +224,10 @@ def build_config(
     env: dict[str, str] | None = None,
     config_file: str | Path | None = None,
 ) -> Config:
-    """Precedence: defaults < config file < environment (NITRO_*) < explicit CLI values."""
+    """Precedence: defaults < config file (`config_file`, else $NITRO_CONFIG) < environment (NITRO_*) < explicit
+    CLI values."""
     env = dict(os.environ) if env is None else env
+    config_file = config_file or env.get(CONFIG_ENV) or None
     merged: dict[str, Any] = {}
     if config_file:
         merged.update(load_yaml(config_file))

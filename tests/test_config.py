@@ -28,6 +28,15 @@ def test_precedence_file_then_env_then_flag(tmp_path: Path) -> None:
     assert (from_flag.server.port, from_flag.scheduler.max_num_seqs) == (4002, 9)
 
 
+def test_config_file_from_nitro_config(tmp_path: Path) -> None:
+    file = tmp_path / "c.yaml"
+    file.write_text("port: 4000\n")
+    assert build_config(env={"NITRO_CONFIG": str(file)}).server.port == 4000
+    other = tmp_path / "d.yaml"
+    other.write_text("port: 4001\n")
+    assert build_config(env={"NITRO_CONFIG": str(file)}, config_file=other).server.port == 4001
+
+
 def test_unknown_key_in_file_is_named(tmp_path: Path) -> None:
     file = tmp_path / "c.yaml"
     file.write_text("max-num-seq: 7\n")
@@ -57,3 +66,12 @@ def test_every_option_is_a_flag_with_its_default_in_help() -> None:
     config = build_config(vars(args), env={})
     assert config.cache.prefix_caching is False and config.scheduler.max_num_seqs == 3
     assert Config() == build_config(env={})
+
+
+def test_shipped_config_files_load() -> None:
+    """Every file under configs/ names only real options with valid values (the model is not loaded)."""
+    for file in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        config = build_config(env={}, config_file=file)
+        assert config.server.port == 3928, file
+    gpu = build_config(env={}, config_file=Path(__file__).resolve().parents[1] / "configs" / "gpu-8b-4bit.yaml")
+    assert (gpu.model.quantization, gpu.model.device, gpu.runner.cuda_graphs) == ("bnb-4bit", "cuda", True)
