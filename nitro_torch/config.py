@@ -28,6 +28,7 @@ class ModelConfig:
     served_model_name: str | None = field(default=None, metadata={"help": "name reported by /v1/models (default: derived from --model)"})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "weight dtype; auto = bfloat16 on CUDA, float32 on CPU"})
     device: Literal["auto", "cuda", "cpu"] = field(default="auto", metadata={"help": "auto = cuda when available"})
+    device_map: Literal["none", "auto"] = field(default="none", metadata={"help": "auto: spread the layers over all visible GPUs with accelerate, for a model that does not fit one (eager decoding, one GPU computes at a time)"})
     max_model_len: int | None = field(default=None, metadata={"help": "context window (default: the model's)"})
     model_cache_dir: str | None = field(default=None, metadata={"help": "where converted models are kept (default: $NITRO_HOME or ~/.cache/nitro_torch)"})
     quantization: Literal["none", "bnb-4bit", "bnb-8bit"] = field(default="none", metadata={"help": "bitsandbytes weights quantized at load; 4-bit is NF4 with double quantization and bf16 compute on CUDA"})

@@ -20,8 +20,8 @@ from nitro_torch.engine.scheduler import Scheduler
 from nitro_torch.models.loader import LoadedModel, apply_chat_template_file, load_model
 from nitro_torch.runner.attention import register_paged_attention, set_attention_backend
 from nitro_torch.runner.guided import GuidedDecoder, logits_vocab_size
-from nitro_torch.runner.kv_cache import GIB, KVCache, KVLayout
-from nitro_torch.runner.memory import describe_capacity, gpu_kv_budget_bytes
+from nitro_torch.runner.kv_cache import GIB, KVCache, KVLayout, attention_layer_devices
+from nitro_torch.runner.memory import blocks_for_budgets, describe_capacity, gpu_kv_budgets
 from nitro_torch.runner.model_runner import ModelRunner
 from nitro_torch.runner.sampler import INVALID_TOKEN, SampledToken, Sampler
 from nitro_torch.sampling import SamplingParams
@@ -49,8 +49,10 @@ class LLMEngine:
         self.device = loaded.device
         set_attention_backend(config.runner.attention_backend)
         layout = KVLayout.from_model_config(loaded.model.config, config.cache.block_size, loaded.dtype)
-        num_blocks = self._num_kv_blocks(layout)
-        self.kv_cache = KVCache(layout, num_blocks, self.device)
+        layer_devices = attention_layer_devices(loaded.model, layout.num_layers) \
+            if config.model.device_map == "auto" else None
+        num_blocks = self._num_kv_blocks(layout, layer_devices or [self.device] * layout.num_layers)
+        self.kv_cache = KVCache(layout, num_blocks, self.device, layer_devices)
         self.max_model_len = min(loaded.max_model_len, self.kv_cache.capacity_tokens)
         if self.max_model_len < loaded.max_model_len:
             logger.warning("context window limited to %d tokens by the KV cache size", self.max_model_len)
@@ -74,6 +76,9 @@ class LLMEngine:
         runner = self.config.runner
         if self.device.type != "cuda" or not runner.cuda_graphs:
             return False
+        if self.config.model.device_map == "auto":  # a step spans several devices: no single-device capture
+            logger.info("decode CUDA graphs are off with --device-map auto")
+            return False
         if runner.attention_backend == "torch":  # its decode gathers whole padded block tables: eager only
             logger.info("decode CUDA graphs are off with attention_backend torch")
             return False
@@ -87,19 +92,19 @@ class LLMEngine:
         impl = register_paged_attention()
         return cls(load_model(config.model, attn_implementation=impl), config)
 
-    def _num_kv_blocks(self, layout: KVLayout) -> int:
+    def _num_kv_blocks(self, layout: KVLayout, layer_devices: list[torch.device]) -> int:
         cache = self.config.cache
         if cache.num_kv_blocks:
             return cache.num_kv_blocks
         if self.device.type == "cuda":
             sched = self.config.scheduler
-            budget = gpu_kv_budget_bytes(
-                self.loaded.model, self.device, cache.gpu_memory_utilization, sched.max_num_batched_tokens,
+            budgets = gpu_kv_budgets(
+                self.loaded.model, layer_devices, cache.gpu_memory_utilization, sched.max_num_batched_tokens,
                 sched.max_num_seqs, self.loaded.max_model_len, logits_vocab_size(self.loaded.model),
             )
+            blocks = blocks_for_budgets(layout, budgets, layer_devices)
         else:
-            budget = int(cache.kv_cache_memory * GIB)
-        blocks = layout.blocks_for_bytes(budget)
+            blocks = layout.blocks_for_bytes(int(cache.kv_cache_memory * GIB))
         if blocks < 1:
             raise RuntimeError("no memory left for the KV cache; lower the model size or raise the budget")
         return blocks

@@ -160,9 +160,9 @@ def load_model(config: ModelConfig, attn_implementation: str | None = None) -> L
     quantize = {"quantization_config": quantization.config} if quantization.config is not None else {}
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True,
-        device_map={"": device} if quantization.bitsandbytes else None, **quantize,
+        device_map=_device_map(config, device, quantization.bitsandbytes), **quantize,
     )
-    if not quantization.bitsandbytes:
+    if not quantization.bitsandbytes and config.device_map == "none":
         model.to(device)
     model.eval()
     model.requires_grad_(False)
@@ -181,6 +181,16 @@ def load_model(config: ModelConfig, attn_implementation: str | None = None) -> L
         eos_token_ids=_eos_token_ids(model, tokenizer),
         quantization=quantization.description,
     )
+
+
+def _device_map(config: ModelConfig, device: torch.device, bitsandbytes: bool) -> str | dict[str, torch.device] | None:
+    """accelerate's "auto" spreads layers over the GPUs; bitsandbytes quantizes as it places weights."""
+    if config.device_map == "auto":
+        if device.type != "cuda":
+            raise ConfigError("--device-map auto spreads a model over GPUs: it needs --device cuda (or auto on a "
+                              "machine with GPUs)")
+        return "auto"
+    return {"": device} if bitsandbytes else None
 
 
 def _max_model_len(requested: int | None, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:

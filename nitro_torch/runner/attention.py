@@ -10,6 +10,7 @@ through a step context rather than through every forward signature.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -52,6 +53,28 @@ class AttentionMetadata:
     """The prefill kernel's query-tile map, made by the first layer and reused by the others."""
     write_kv: bool = True
     """False for cache-free forwards (embeddings): every chunk is a whole sequence attending to its own K/V."""
+    _copies: dict[torch.device, AttentionMetadata] = field(default_factory=dict, repr=False)
+
+    def on(self, device: torch.device) -> AttentionMetadata:
+        """This step's metadata with its tensors on `device`: a model spread over GPUs (--device-map auto) runs
+        layers on several devices; each gets one copy per step, made by its first layer."""
+        if self.slot_mapping.device == device:
+            return self
+        copy = self._copies.get(device)
+        if copy is None:
+            def moved(tensor: torch.Tensor | None) -> torch.Tensor | None:
+                return None if tensor is None else tensor.to(device)
+
+            copy = dataclasses.replace(
+                self, slot_mapping=moved(self.slot_mapping), decode_block_tables=moved(self.decode_block_tables),
+                decode_context_lens=moved(self.decode_context_lens),
+                prefills=[dataclasses.replace(c, block_table=moved(c.block_table)) for c in self.prefills],
+                prefill_block_tables=moved(self.prefill_block_tables),
+                prefill_cu_query_lens=moved(self.prefill_cu_query_lens),
+                prefill_context_lens=moved(self.prefill_context_lens), prefill_tiles=None, _copies={},
+            )
+            self._copies[device] = copy
+        return copy
 
 
 _current: AttentionMetadata | None = None
@@ -182,9 +205,9 @@ def paged_attention_forward(
     softcap: float | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
-    meta = _current
-    if meta is None:
+    if _current is None:
         raise RuntimeError("nitro_paged attention called outside an engine step")
+    meta = _current.on(query.device)
     layer = module.layer_idx
     q = query[0].transpose(0, 1)  # [T, H, D]
     k = key[0].transpose(0, 1)  # [T, KV, D]
@@ -229,6 +252,13 @@ def _attend_with_kernels(meta: AttentionMetadata, layer: int, q: torch.Tensor, k
     all chunks, both reading K/V through block tables (so cached prefixes cost no gather copy)."""
     if not meta.write_kv:  # cache-free forwards attend to their own K/V, which are not in the cache
         return _attend_with_torch(meta, layer, q, k, v, scale, sliding_window, softcap)
+    # Triton launches on the current device, which must be the layer's when the model spans several GPUs.
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        return _launch_kernels(meta, layer, q, k, v, scale, sliding_window, softcap)
+
+
+def _launch_kernels(meta: AttentionMetadata, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    scale: float, sliding_window: int | None, softcap: float | None) -> torch.Tensor:
     from nitro_torch.runner.kernels import paged_decode_triton, prefill_paged_triton, store_kv_triton
     from nitro_torch.runner.kernels.prefill import query_tiles
 

@@ -39,43 +39,64 @@ class KVCache:
     """`num_blocks` blocks for requests, plus one spare block at the end that takes the writes of padding
     tokens (CUDA-graph batches) so that the store never needs a host-side filter."""
 
-    def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device) -> None:
+    def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device,
+                 layer_devices: list[torch.device] | None = None) -> None:
+        """`layer_devices`: where each layer's K/V live when the model is spread over GPUs (default: `device`)."""
         shape = (num_blocks + 1, layout.block_size, layout.num_kv_heads, layout.head_dim)
         self.layout = layout
         self.num_blocks = num_blocks
-        self.keys = [torch.zeros(shape, dtype=layout.dtype, device=device) for _ in range(layout.num_layers)]
-        self.values = [torch.zeros(shape, dtype=layout.dtype, device=device) for _ in range(layout.num_layers)]
-        self._gather_k = torch.empty(0, dtype=layout.dtype, device=device)
-        self._gather_v = torch.empty(0, dtype=layout.dtype, device=device)
+        self.layer_devices = layer_devices or [torch.device(device)] * layout.num_layers
+        self.keys = [torch.zeros(shape, dtype=layout.dtype, device=d) for d in self.layer_devices]
+        self.values = [torch.zeros(shape, dtype=layout.dtype, device=d) for d in self.layer_devices]
+        self._gather_buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def gather(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of `block_ids` (flat) as [n, block_size, kv_heads, head_dim], copied into reused buffers.
 
         Every layer gathers the same amount, so fresh multi-MB tensors per layer would mostly cost page
-        faults; the buffers grow to the largest step seen and are overwritten by the next gather.
+        faults; the buffers (one pair per device) grow to the largest step seen and are overwritten by the
+        next gather.
         """
         k_cache, v_cache = self.keys[layer], self.values[layer]
         rows = k_cache.view(k_cache.shape[0], -1)
         n, width = block_ids.numel(), rows.shape[1]
-        if self._gather_k.numel() < n * width:
-            self._gather_k = torch.empty(n * width, dtype=rows.dtype, device=rows.device)
-            self._gather_v = torch.empty(n * width, dtype=rows.dtype, device=rows.device)
+        gather_k, gather_v = self._gather_buffers.get(k_cache.device, (None, None))
+        if gather_k is None or gather_k.numel() < n * width:
+            gather_k = torch.empty(n * width, dtype=rows.dtype, device=rows.device)
+            gather_v = torch.empty(n * width, dtype=rows.dtype, device=rows.device)
+            self._gather_buffers[k_cache.device] = (gather_k, gather_v)
         shape = (n, *k_cache.shape[1:])
-        k = torch.index_select(rows, 0, block_ids, out=self._gather_k[: n * width].view(n, width))
+        k = torch.index_select(rows, 0, block_ids, out=gather_k[: n * width].view(n, width))
         v = torch.index_select(v_cache.view(v_cache.shape[0], -1), 0, block_ids,
-                               out=self._gather_v[: n * width].view(n, width))
+                               out=gather_v[: n * width].view(n, width))
         return k.view(shape), v.view(shape)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks (source -> destination) in every layer, e.g. a prompt's last block for a fork."""
         if not pairs:
             return
-        device = self.keys[0].device
-        sources = torch.tensor([s for s, _ in pairs], dtype=torch.long, device=device)
-        destinations = torch.tensor([d for _, d in pairs], dtype=torch.long, device=device)
+        indices = torch.tensor(pairs, dtype=torch.long).T  # [2, n]: sources, destinations
+        on_device: dict[torch.device, torch.Tensor] = {}
         for cache in (*self.keys, *self.values):
+            if cache.device not in on_device:
+                on_device[cache.device] = indices.to(cache.device)
+            sources, destinations = on_device[cache.device]
             cache.index_copy_(0, destinations, cache.index_select(0, sources))
 
     @property
     def capacity_tokens(self) -> int:
         return self.num_blocks * self.layout.block_size
+
+
+def attention_layer_devices(model: torch.nn.Module, num_layers: int) -> list[torch.device] | None:
+    """The device of each attention layer (by `layer_idx`) of a model spread over several devices, else None."""
+    devices: dict[int, torch.device] = {}
+    for module in model.modules():
+        layer = getattr(module, "layer_idx", None)
+        if isinstance(layer, int) and layer not in devices:
+            parameter = next(module.parameters(), None)
+            if parameter is not None:
+                devices[layer] = parameter.device
+    if len(set(devices.values())) <= 1 or len(devices) != num_layers:
+        return None
+    return [devices[i] for i in range(num_layers)]

@@ -50,24 +50,38 @@ def run_largest_step(model: PreTrainedModel, device: torch.device, num_tokens: i
     del logits, scratch
 
 
-def gpu_kv_budget_bytes(model: PreTrainedModel, device: torch.device, utilization: float, num_tokens: int,
-                        num_seqs: int, max_model_len: int, vocab_size: int) -> int:
-    """total x utilization - memory in use now (weights, other processes) - the largest step's activation peak."""
-    torch.cuda.synchronize(device)
+def gpu_kv_budgets(model: PreTrainedModel, devices: list[torch.device], utilization: float, num_tokens: int,
+                   num_seqs: int, max_model_len: int, vocab_size: int) -> dict[torch.device, int]:
+    """Per GPU: total x utilization - memory in use now (weights, other processes) - the largest step's
+    activation peak there. One device normally; each device a model spread with --device-map auto uses."""
+    devices = list(dict.fromkeys(devices))
+    resting = {}
+    for device in devices:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        resting[device] = torch.cuda.memory_allocated(device)
     torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    resting = torch.cuda.memory_allocated(device)
-    run_largest_step(model, device, num_tokens, num_seqs, max_model_len, vocab_size)
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - resting
-    torch.cuda.empty_cache()
-    free, total = torch.cuda.mem_get_info(device)
-    in_use = total - free
-    budget = int(total * utilization - in_use - peak)
-    logger.info("GPU memory: %.1f GiB total, %.1f GiB in use after loading, %.2f GiB activation peak of the "
-                "largest step (%d tokens); KV budget %.1f GiB at utilization %.2f",
-                total / GIB, in_use / GIB, peak / GIB, num_tokens, budget / GIB, utilization)
-    return budget
+    run_largest_step(model, devices[0], num_tokens, num_seqs, max_model_len, vocab_size)
+    budgets = {}
+    for device in devices:
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - resting[device]
+        with torch.cuda.device(device):
+            torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(device)
+        in_use = total - free
+        budgets[device] = int(total * utilization - in_use - peak)
+        logger.info("GPU memory on %s: %.1f GiB total, %.1f GiB in use after loading, %.2f GiB activation peak of "
+                    "the largest step (%d tokens); KV budget %.1f GiB at utilization %.2f", device, total / GIB,
+                    in_use / GIB, peak / GIB, num_tokens, budgets[device] / GIB, utilization)
+    return budgets
+
+
+def blocks_for_budgets(layout: KVLayout, budgets: dict[torch.device, int], layer_devices: list[torch.device]) -> int:
+    """The block count every device can hold for the layers it carries."""
+    per_layer_block = layout.bytes_per_block // layout.num_layers
+    return min(max(0, budget) // (per_layer_block * layer_devices.count(device))
+               for device, budget in budgets.items())
 
 
 def describe_capacity(num_blocks: int, block_size: int, max_model_len: int, max_num_seqs: int) -> str:

@@ -339,13 +339,14 @@ def stage_weights(config: Config) -> LoadedModel:
     """Model + tokenizer in the target dtype, on the CPU when the target is a GPU (moved in start_engine).
 
     bitsandbytes weights load straight onto the GPU: they are quantized where they load, which on the CPU
-    would take minutes, so a switch to such a model needs room for both models for a moment.
+    would take minutes, so a switch to such a model needs room for both models for a moment. A model spread
+    over GPUs (--device-map auto) is placed by accelerate as it loads, so it too loads where it will run.
     """
     from nitro_torch.models.loader import load_model, resolve_device, resolve_dtype
     from nitro_torch.runner.attention import register_paged_attention
 
     device = resolve_device(config.model.device)
-    if device.type != "cpu" and uses_bitsandbytes(config.model):
+    if device.type != "cpu" and (config.model.device_map == "auto" or uses_bitsandbytes(config.model)):
         return load_model(config.model, attn_implementation=register_paged_attention())
     dtype = str(resolve_dtype(config.model.dtype, device)).removeprefix("torch.")
     staging = dataclasses.replace(config.model, device="cpu", dtype=dtype)  # type: ignore[arg-type]
