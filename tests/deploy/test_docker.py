@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -19,12 +18,12 @@ import pytest
 import yaml
 
 from nitro_torch.config import ServerConfig
+from tests.server.conftest import _wait_until_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "Dockerfile.cpu"]
 INSTALL_TIMEOUT_S = 600
-START_TIMEOUT_S = 120
 
 
 def missing(reason: str) -> None:
@@ -103,16 +102,7 @@ def test_cpu_image_install_step_serves_a_chat_completion(tmp_path: Path, default
                                    "--device", "cpu", "--log-level", "warning"],
                                   stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ}, cwd=tmp_path)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert server.poll() is None, f"server exited with {server.returncode}:\n{log.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, f"not healthy after {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}"
-            try:
-                if httpx.get(base_url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        _wait_until_healthy(server, base_url, log)
         response = httpx.post(base_url + "/v1/chat/completions", timeout=60, json={
             "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0})
         assert response.status_code == 200, response.text

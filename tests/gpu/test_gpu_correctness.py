@@ -18,6 +18,7 @@ from nitro_torch.engine.engine import LLMEngine
 from nitro_torch.models.loader import load_model, resolve_model_source
 from nitro_torch.runner.attention import register_paged_attention
 from nitro_torch.sampling import SamplingParams
+from tests.engine_logits import greedy_with_logits
 
 pytestmark = [
     pytest.mark.gpu,
@@ -88,25 +89,6 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
 
 
-def nitro_logits(engine: LLMEngine, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
-    """Greedy tokens of one request and the float32 logits [n, V] that chose them."""
-    produced: list[torch.Tensor] = []
-    execute = engine.runner.execute
-
-    def keep_logits(plan):
-        logits, requests = execute(plan)
-        if logits is not None:
-            produced.append(logits.float().cpu())
-        return logits, requests
-
-    engine.runner.execute = keep_logits
-    try:
-        [tokens] = engine.generate([prompt], greedy(n))
-    finally:
-        engine.runner.execute = execute
-    return tokens, torch.cat(produced)
-
-
 def hf_logits(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
     """HF's forward, teacher-forced on the same tokens: the logits predicting each of them."""
     ids = torch.tensor([prompt + tokens[:-1]], device=DEVICE)
@@ -134,7 +116,7 @@ def test_bf16_logits_close_to_hf_sdpa(model_dir: str, prompts: list[list[int]]) 
     assert engine.loaded.dtype == torch.bfloat16
     reference = hf_model(model_dir, "bfloat16")
     for prompt in prompts:
-        tokens, logits = nitro_logits(engine, prompt, NEW_TOKENS)
+        tokens, logits = greedy_with_logits(engine, prompt, NEW_TOKENS)
         torch.testing.assert_close(logits, hf_logits(reference, prompt, tokens), **BF16_TOLERANCE)
 
 
@@ -154,5 +136,5 @@ def test_bnb_logits_close_to_hf_on_the_same_quantized_weights(model_dir: str, pr
         assert layer.mlp.down_proj.compute_dtype == torch.bfloat16
     reference = hf_model(model_dir, "bfloat16", quantization)
     for prompt in prompts:
-        tokens, logits = nitro_logits(engine, prompt, NEW_TOKENS)
+        tokens, logits = greedy_with_logits(engine, prompt, NEW_TOKENS)
         torch.testing.assert_close(logits, hf_logits(reference, prompt, tokens), **BNB_TOLERANCE[quantization])

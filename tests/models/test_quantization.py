@@ -23,7 +23,7 @@ from nitro_torch.models.quantization import (
     quiet_int8_cast_warning,
 )
 from nitro_torch.runner.attention import register_paged_attention
-from nitro_torch.sampling import SamplingParams
+from tests.engine_logits import greedy_with_logits
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -46,25 +46,6 @@ def paged_engine(model: str, quantization: str = "none", **options: object) -> L
 def hf_reference(model: str, quantization: str = "none", **options: object) -> LoadedModel:
     config = build_config(model_options(model, quantization, **options), env={})
     return load_model(config.model, attn_implementation="sdpa")
-
-
-def paged_logits(engine: LLMEngine, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
-    """Greedy tokens from engine.generate and the logits [n, V] the runner produced for each of them."""
-    produced: list[torch.Tensor] = []
-    execute = engine.runner.execute
-
-    def keep_logits(plan):
-        logits, requests = execute(plan)
-        if logits is not None:
-            produced.append(logits.float().clone())
-        return logits, requests
-
-    engine.runner.execute = keep_logits
-    try:
-        [tokens] = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
-    finally:
-        engine.runner.execute = execute
-    return tokens, torch.cat(produced)
 
 
 def hf_logits(loaded: LoadedModel, prompt: list[int], tokens: list[int]) -> torch.Tensor:
@@ -182,7 +163,7 @@ def test_paged_engine_matches_hf_forward_on_quantized_weights(tiny_model_dir: st
     assert nitro.keys() == ref.keys() and nitro
     assert all(torch.equal(nitro[k], ref[k]) for k in nitro), "quantizing the same folder twice differed"
 
-    tokens, logits = paged_logits(engine, prompt, NEW_TOKENS)
+    tokens, logits = greedy_with_logits(engine, prompt, NEW_TOKENS)
     expected = hf_logits(reference, prompt, tokens)
     assert logits.shape == expected.shape == (NEW_TOKENS, logits.shape[1])
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)  # measured: ~3e-7
@@ -212,7 +193,7 @@ def test_saved_checkpoint_is_detected_and_serves(saved_quantized: tuple[str, str
     assert isinstance(engine.loaded.model.model.layers[1].mlp.gate_proj, LINEAR[quantization])
     assert engine.loaded.dtype == torch.float32
 
-    tokens, logits = paged_logits(engine, prompt, NEW_TOKENS)
+    tokens, logits = greedy_with_logits(engine, prompt, NEW_TOKENS)
     reference = hf_reference(folder)
     torch.testing.assert_close(logits, hf_logits(reference, prompt, tokens), atol=1e-4, rtol=1e-4)
 
