@@ -15,7 +15,12 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(scope="session")
 def smol_tokenizer():
-    """The SmolLM2 tokenizer: through the model loader when it exists, else the saved reference copy."""
+    """The SmolLM2 tokenizer: from $NITRO_TEST_TOKENIZER (a saved copy: the GPU machine lacks the 98 MB embedded
+    model), else through the model loader, else the saved reference copy."""
+    if os.environ.get("NITRO_TEST_TOKENIZER"):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(os.environ["NITRO_TEST_TOKENIZER"])
     try:
         from nitro_torch.models.loader import load_tokenizer
     except ImportError:

@@ -3,6 +3,7 @@ sizing from --gpu-memory-utilization, and the kernels at serving shapes. Skipped
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -32,9 +33,17 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("gpu-llama"), smol_tokenizer, hidden_size=256, num_layers=4)
 
 
+@pytest.fixture(autouse=True)
+def released_memory() -> None:
+    """Each test starts with the earlier tests' engines gone, as a model switch frees the old engine."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def make_engine(model_dir: Path, **options: object) -> LLMEngine:
+    """A fixed KV size unless a test sizes it from the memory budget."""
     config = build_config({"model": str(model_dir), "device": "cuda", "dtype": "float32", "max_num_seqs": 16,
-                           "max_num_batched_tokens": 256, **options}, env={})
+                           "max_num_batched_tokens": 256, "num_kv_blocks": 512, **options}, env={})
     return LLMEngine(load_model(config.model, attn_implementation=register_paged_attention()), config)
 
 
@@ -49,17 +58,23 @@ def test_graphs_and_kernels_give_the_eager_torch_tokens(model_dir: Path) -> None
     fast_tokens = greedy(fast)
     assert fast.block_manager.num_used_blocks == 0
     del fast
+    gc.collect()
     reference = make_engine(model_dir, cuda_graphs=False, attention_backend="torch")
     assert reference.runner.graphs is None
     assert greedy(reference) == fast_tokens
 
 
 def test_kv_blocks_come_from_the_memory_budget(model_dir: Path) -> None:
-    engine = make_engine(model_dir, gpu_memory_utilization=0.3)
+    before = torch.cuda.memory_allocated()
+    engine = make_engine(model_dir, gpu_memory_utilization=0.3, num_kv_blocks=None)
     total = torch.cuda.mem_get_info()[1]
     kv_bytes = engine.kv_cache.num_blocks * engine.kv_cache.layout.bytes_per_block
     assert 0 < kv_bytes < 0.3 * total
     assert torch.cuda.memory_reserved() < 0.33 * total
+    del engine
+    gc.collect()
+    # a model switch relies on this: the dropped engine's KV cache, graphs and weights are freed
+    assert torch.cuda.memory_allocated() - before < 64 * 2**20
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
