@@ -1,4 +1,4 @@
-"""`nitro-torch serve [options]` (later: `chat`, `bench`)."""
+"""`nitro-torch serve [options]`, `nitro-torch chat [--url ...]`, `nitro-torch bench [...]`."""
 
 from __future__ import annotations
 
@@ -22,6 +22,18 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat(args: argparse.Namespace) -> int:
+    from nitro_torch.terminal_chat import run_chat
+
+    return run_chat(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from nitro_torch.bench.command import run_bench
+
+    return run_bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nitro-torch", description="OpenAI-compatible LLM server on PyTorch")
     parser.add_argument("--version", action="version", version=f"nitro-torch {__version__}")
@@ -33,6 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(serve)
     serve.set_defaults(handler=_serve)
+
+    from nitro_torch.bench.command import add_bench_arguments
+    from nitro_torch.terminal_chat import add_chat_arguments
+
+    chat = commands.add_parser("chat", help="chat with a running server in the terminal (streams; /reset, /system)")
+    add_chat_arguments(chat)
+    chat.set_defaults(handler=_chat)
+    bench = commands.add_parser("bench", help="benchmark a running server (--url) or an in-process engine")
+    add_bench_arguments(bench)
+    bench.set_defaults(handler=_bench)
     return parser
 
 

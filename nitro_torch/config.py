@@ -78,7 +78,7 @@ class ServerConfig:
 
 @dataclass
 class SecurityConfig:
-    api_key: str | None = field(default=None, repr=False, metadata={"help": "require 'Authorization: Bearer <key>' on every route but /health, /healthz, /ready"})
+    api_key: str | None = field(default=None, repr=False, metadata={"help": "require 'Authorization: Bearer <key>' on every route but /health, /healthz, /ready and the chat page"})
     api_key_file: str | None = field(default=None, metadata={"help": "file holding the API key (stripped); instead of --api-key"})
     metrics_public: bool = field(default=False, metadata={"help": "serve /metrics without the API key"})
     allowed_origins: str | None = field(default=None, metadata={"help": "CORS: comma-separated origins allowed to call the API from a browser, or '*' (default: CORS off)"})

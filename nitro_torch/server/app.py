@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import socket
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -16,7 +19,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from nitro_torch.config import Config
-from nitro_torch.server import embeddings_api, nitro_api, openai_api, openapi, text_completions, tokenize_api
+from nitro_torch.server import embeddings_api, nitro_api, openai_api, openapi, text_completions, tokenize_api, webui
 from nitro_torch.server import metrics as metrics_api
 from nitro_torch.server.admission import AdmissionMiddleware, ready
 from nitro_torch.server.errors import EXCEPTION_HANDLERS, APIError
@@ -84,6 +87,7 @@ def create_app(config: Config, engine: AsyncEngine | None = None, *, host: Model
         *metrics_api.routes,
         Route("/ready", ready, methods=["GET"]),
         *openapi.routes,
+        *webui.routes,
     ]
     middleware = [*security_middleware(config),  # CORS, API key, --log-prompts (request ids: outermost, below)
                   Middleware(AdmissionMiddleware, max_queued_requests=config.server.max_queued_requests,
@@ -99,33 +103,45 @@ def create_app(config: Config, engine: AsyncEngine | None = None, *, host: Model
 
 
 def run_server(config: Config) -> None:
-    """Load the model first (so a bad --model fails fast with a clear message), then serve until stopped.
+    """Load the model first (so a bad --model fails fast with a clear message), warm it up, then serve until
+    stopped; once the port is bound, print the block that says where to go and what is served.
 
     With `--model none` the server starts empty and waits for POST /inferences/llamacpp/loadmodel, as Nitro did.
     """
-    import uvicorn
+    from nitro_torch.server.startup import announce, served_urls, start_with_progress, startup_block
 
     logging.basicConfig(level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
     host = ModelHost(config)
+    engine = None
     if config.model.model != NO_MODEL:
-        from nitro_torch.engine.async_engine import AsyncEngine
+        from nitro_torch.models.loader import load_model
+        from nitro_torch.runner.attention import register_paged_attention
 
-        engine = AsyncEngine.from_config(config)
+        engine = start_with_progress(load_model(config.model, attn_implementation=register_paged_attention()), config)
         host.install(engine, config, owned=True)
-        logger.info("serving %s at http://%s:%d/v1 (context %d tokens)", engine.model_name, config.server.host,
-                    config.server.port, engine.max_model_len)
-    else:
-        logger.info("no model loaded; load one with POST http://%s:%d/inferences/llamacpp/loadmodel",
-                    config.server.host, config.server.port)
     app = create_app(config, host=host)
     app.state.drain_on_signal = True
+    server_config = uvicorn.Config(app, host=config.server.host, port=config.server.port,
+                                   log_level=config.server.log_level,
+                                   timeout_graceful_shutdown=math.ceil(config.server.shutdown_timeout))
+    block = startup_block(config, engine, served_urls(config.server.host, config.server.port))
+    server = _AnnouncingServer(server_config, lambda: announce(block))
     try:
-        uvicorn.run(
-            app,
-            host=config.server.host,
-            port=config.server.port,
-            log_level=config.server.log_level,
-            timeout_graceful_shutdown=math.ceil(config.server.shutdown_timeout),
-        )
+        server.run()
     finally:
         host.close()
+    if not server.started:
+        sys.exit(3)  # uvicorn's start-up failure code (e.g. the port is taken; uvicorn logged why)
+
+
+class _AnnouncingServer(uvicorn.Server):
+    """uvicorn's server, calling `on_bound` once the port is bound (before that, the URLs would be a promise)."""
+
+    def __init__(self, config: uvicorn.Config, on_bound: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_bound = on_bound
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.should_exit:
+            self._on_bound()

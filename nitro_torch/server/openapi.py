@@ -94,6 +94,8 @@ OPERATIONS: dict[str, Operation] = {
                         ok=_object(("status", "model"), status=_STRING, model=_STRING)),
     "/metrics": Operation("Prometheus metrics", "Probes", ok=_STRING, media_type="text/plain"),
     OPENAPI_PATH: Operation("This document", "Probes", ok={"type": "object"}),
+    "/": Operation("The chat page (HTML; its scripts and styles are under /static/)", "Chat page", ok=_STRING,
+                   media_type="text/html"),
 }
 
 

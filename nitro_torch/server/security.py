@@ -20,8 +20,10 @@ from nitro_torch.server.errors import APIError
 
 logger = logging.getLogger("nitro_torch.server")
 
-PUBLIC_PATHS: frozenset[str] = frozenset({"/health", "/healthz", "/ready"})
-"""Answer without the API key (probes)."""
+PUBLIC_PATHS: frozenset[str] = frozenset({"/health", "/healthz", "/ready", "/"})
+"""Answer without the API key: probes, and the chat page (it asks for the key and sends it with every API call)."""
+PUBLIC_PREFIXES: tuple[str, ...] = ("/static/",)
+"""The chat page's own files: public, as the page is."""
 METRICS_PATHS: frozenset[str] = frozenset({"/metrics"})
 """Answer without the API key only with --metrics-public."""
 INVALID_KEY_MESSAGE = (
@@ -60,8 +62,9 @@ class APIKeyMiddleware:
         return scheme.lower() == b"bearer" and matches
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] != "http" or scope["path"] in self.exempt or is_preflight(scope)
-                or self.authorized(scope)):
+        path = scope.get("path", "")
+        if (scope["type"] != "http" or path in self.exempt or path.startswith(PUBLIC_PREFIXES)
+                or is_preflight(scope) or self.authorized(scope)):
             await self.app(scope, receive, send)
             return
         logger.info("401: missing or wrong API key for %s %s", scope["method"], scope["path"])

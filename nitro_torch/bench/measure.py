@@ -9,11 +9,12 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from bench_context import REFERENCE_SYSTEM, BenchContext
-from bench_models import release_device_memory
-from bench_roofline import weight_bytes_read
-from bench_systems import SYSTEMS, Outputs, System
-from bench_workloads import BenchRequest
+from nitro_torch.bench.context import REFERENCE_SYSTEM, BenchContext
+from nitro_torch.bench.http_client import ServerError
+from nitro_torch.bench.models import release_device_memory
+from nitro_torch.bench.roofline import weight_bytes_read
+from nitro_torch.bench.systems import Outputs, System, system_class
+from nitro_torch.bench.workloads import BenchRequest
 
 
 @dataclass
@@ -22,6 +23,8 @@ class Run:
     tokens: int
     load_avg_1m: float = float("nan")
     """1-minute load average when the run started (this machine is shared: a high value means contention)."""
+    latency: dict[str, float] | None = None
+    """Client-side measurements of a system that has them (`server`: TTFT, ITL, end-to-end, errors, ...)."""
 
     @property
     def tok_s(self) -> float:
@@ -41,6 +44,14 @@ class SystemResult:
     def median_tok_s(self) -> float | None:
         return statistics.median(r.tok_s for r in self.runs) if self.runs else None
 
+    @property
+    def median_latency(self) -> dict[str, float] | None:
+        """Each latency measurement's median over the runs (None for systems that do not measure latency)."""
+        stats = [r.latency for r in self.runs if r.latency]
+        if not stats:
+            return None
+        return {key: statistics.median(s[key] for s in stats) for key in stats[0]}
+
 
 def count_tokens(outputs: Outputs, requests: Sequence[BenchRequest]) -> tuple[int, int]:
     """(useful generated tokens: each request's output up to its own max_tokens, requests that came up short)."""
@@ -58,7 +69,7 @@ def benchmark(names: Sequence[str], ctx: BenchContext, repeats: int) -> dict[str
     systems: dict[str, System] = {}
     try:
         for name in names:
-            system = _load(SYSTEMS[name], ctx, results[name])
+            system = _load(system_class(name), ctx, results[name])
             if system is not None:
                 systems[name] = system
         for i in range(repeats):
@@ -106,6 +117,7 @@ def _run_once(system: System, ctx: BenchContext, result: SystemResult, label: st
         t0 = time.perf_counter()
         outputs = system.generate(requests)
         wall = time.perf_counter() - t0
+        latency = system.run_stats()
         system.stop()
         release_device_memory()
         tokens, short = count_tokens(outputs, requests)
@@ -116,19 +128,20 @@ def _run_once(system: System, ctx: BenchContext, result: SystemResult, label: st
         note = f"{short} requests produced fewer than max_tokens (EOS not ignored?): counted what was produced"
         if note not in result.notes:
             result.notes.append(note)
-    run = Run(wall, tokens, load)
+    run = Run(wall, tokens, load, latency)
     result.runs.append(run)
     result.outputs = outputs
     print(
         f"[{result.name}] {label}: {len(requests)} requests, {run.tokens} tokens in {run.wall_s:.2f} s -> "
-        f"{run.tok_s:.1f} tok/s (load avg {load:.1f})",
+        f"{run.tok_s:.1f} tok/s (load avg {load:.1f})" + (f", {latency['errors']:g} errors" if latency else ""),
         flush=True,
     )
     return True
 
 
 def _fail(result: SystemResult, stage: str, exc: Exception) -> None:
-    traceback.print_exc()
+    if not isinstance(exc, ServerError):  # a server's refusal is one line; anything else gets its traceback
+        traceback.print_exc()
     result.skipped = f"failed in {stage}: {type(exc).__name__}: {exc}"
     print(f"[{result.name}] {result.skipped}", flush=True)
 
@@ -177,6 +190,9 @@ def run_checks(results: dict[str, SystemResult], requests: Sequence[BenchRequest
             continue
         if res.outputs is None:
             print(f"check: {name} has no outputs ({res.skipped or 'not run'})")
+            continue
+        if not system_class(name).token_outputs:
+            print(f"check: {name} does not return token ids (only their count): not compared")
             continue
         check = compare_outputs(name, res.outputs, REFERENCE_SYSTEM, ref.outputs, requests)
         diverged = [d for d in check.first_divergence if d >= 0]

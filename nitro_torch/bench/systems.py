@@ -1,5 +1,6 @@
 """The engines under test: nitro_torch and the two HF baselines, each a `System` with `load / start / generate /
-stop / close`. A new system is one class here plus its entry in `SYSTEMS`."""
+stop / close`. A new system is one class here plus its entry in `SYSTEMS`
+(`server`, over HTTP, lives in http_system.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
-from bench_context import NITRO, BenchContext
-from bench_models import load_hf_model, nitro_random_loaded_model
-from bench_workloads import BenchRequest
+
+from nitro_torch.bench.context import NITRO, SERVER, BenchContext
+from nitro_torch.bench.models import load_hf_model, nitro_random_loaded_model
+from nitro_torch.bench.workloads import BenchRequest
 
 Outputs = list[list[int]]
 HF_CB_CPU_DEFAULTS = {"page_size": 256, "num_blocks": 256, "max_batch_tokens": 2048}
@@ -23,6 +25,8 @@ class System:
     a tiny warm-up request), `generate` (timed), `stop`. `close` at the end."""
 
     name: ClassVar[str]
+    token_outputs: ClassVar[bool] = True
+    """False when `generate` returns placeholders of the right length rather than the token ids (no --check)."""
     notes: list[str]
 
     def __init__(self, ctx: BenchContext) -> None:
@@ -48,6 +52,10 @@ class System:
 
     def generate(self, requests: Sequence[BenchRequest]) -> Outputs:
         raise NotImplementedError
+
+    def run_stats(self) -> dict[str, float] | None:
+        """Client-side measurements of the last `generate` (latencies, errors), for systems that take them."""
+        return None
 
     def stop(self) -> None: ...
 
@@ -285,6 +293,15 @@ class Nitro(System):
 
 
 SYSTEMS: dict[str, type[System]] = {cls.name: cls for cls in (Nitro, HFStatic, HFContinuousBatching)}
+"""The in-process systems; `system_class` adds `server` (http_system.py, which builds on this module)."""
+
+
+def system_class(name: str) -> type[System]:
+    if name == SERVER:
+        from nitro_torch.bench.http_system import ServerSystem
+
+        return ServerSystem
+    return SYSTEMS[name]
 
 
 def parse_key_values(items: Sequence[str] | None) -> dict[str, str]:

@@ -19,15 +19,8 @@ from typing import Any
 
 import torch
 
-SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": {"hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-             "head_dim": 64, "intermediate_size": 1024, "vocab_size": 4096, "tie_word_embeddings": True},
-    "llama-1b": {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
-                 "head_dim": 64, "intermediate_size": 8192, "vocab_size": 128256, "tie_word_embeddings": True},
-    "llama-8b": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-                 "head_dim": 128, "intermediate_size": 14336, "vocab_size": 128256, "tie_word_embeddings": False},
-}
-QUANTIZATIONS = ("none", "bnb-4bit", "bnb-8bit")
+from nitro_torch.bench.options import QUANTIZATIONS, SHAPES
+
 RANDOM_MAX_MODEL_LEN = 2048
 _SAVED_MARKER = ".bench-complete"
 

@@ -1,7 +1,7 @@
 """Benchmark workloads: pure functions that return lists of `BenchRequest(prompt_token_ids, max_tokens)`.
 
 Everything here is deterministic in its arguments (a seeded `random.Random`, never the global RNG), so every
-system measured by `scripts/bench.py` sees exactly the same requests, run after run.
+system measured by `nitro-torch bench` (scripts/bench.py) sees exactly the same requests, run after run.
 
 - `chat_requests`: the CPU workload "chat-64": templated chats with varied system and user messages
   (prompts ~30-300 tokens), `max_tokens` uniform in [16, 128].
@@ -22,6 +22,9 @@ Message = dict[str, str]
 class BenchRequest(NamedTuple):
     prompt_token_ids: list[int]
     max_tokens: int
+    messages: list[Message] | None = None
+    """The conversation a chat request was templated from: what a server benchmark (`--url`) sends instead of
+    the token ids, so that the server applies its own chat template."""
 
 
 class ChatTokenizer(Protocol):
@@ -114,7 +117,7 @@ def _user_message(rng: random.Random) -> str:
 def chat_requests(tokenizer: ChatTokenizer, num_requests: int = 64, seed: int = 0) -> list[BenchRequest]:
     """chat-64: the conversations of `chat_messages`, templated with the model's chat template and tokenized."""
     return [
-        BenchRequest(template_chat(tokenizer, messages), max_tokens)
+        BenchRequest(template_chat(tokenizer, messages), max_tokens, messages)
         for messages, max_tokens in chat_messages(num_requests, seed)
     ]
 

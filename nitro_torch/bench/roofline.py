@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from bench_workloads import BenchRequest
+
+from nitro_torch.bench.workloads import BenchRequest
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from bench_models import ModelSource
-from bench_workloads import BenchRequest
 
-NITRO = "nitro"
-REFERENCE_SYSTEM = "hf-static"
-BASELINES = ("hf-static", "hf-cb")
+from nitro_torch.bench.models import ModelSource
+from nitro_torch.bench.options import BASELINES, NITRO, REFERENCE_SYSTEM, SERVER
+from nitro_torch.bench.workloads import BenchRequest
+
+__all__ = ["BASELINES", "NITRO", "REFERENCE_SYSTEM", "SERVER", "BenchContext", "Workload"]
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Workload:
     bound: Literal["compute", "bandwidth"] = "compute"
     """Which roofline limits this workload: batched work is compute-bound, batch-1 decode bandwidth-bound."""
     default_shape: str | None = None
-    """Random-init shape (bench_models.SHAPES) when --shape is not given; None: real weights only."""
+    """Random-init shape (nitro_torch.bench.options.SHAPES) when --shape is not given; None: real weights only."""
     default_repeats: int = 1
     default_baseline_limit: int | None = None
     """Requests the HF baselines run when --baseline-limit is not given (None: all)."""
@@ -49,6 +49,8 @@ class BenchContext:
     baseline_limit: int | None = None
     weight_bytes: dict[str, int] = field(default_factory=dict)
     """Per system: bytes of weights its model reads per decoded token (for the bandwidth roofline)."""
+    server_model: str | None = None
+    """The model the `server` system asked the server for (its --model, else the server's first listed)."""
 
     def requests_for(self, system: str) -> list[BenchRequest]:
         """The HF baselines may be cut to the first `baseline_limit` requests to keep GPU runs short."""

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_context import BASELINES, NITRO, BenchContext
-from bench_measure import CheckResult, SystemResult, load_avg
-from bench_roofline import (
+
+from nitro_torch.bench.context import BASELINES, NITRO, SERVER, BenchContext
+from nitro_torch.bench.measure import CheckResult, SystemResult, load_avg
+from nitro_torch.bench.roofline import (
     Ceilings,
     ModelDims,
     Roofline,
@@ -83,6 +84,8 @@ def rooflines(ctx: BenchContext, results: dict[str, SystemResult], dims: ModelDi
     out: dict[str, Roofline] = {}
     kv_elem_bytes = torch.empty(0, dtype=ctx.source.dtype).element_size()
     for name in results:
+        if name == SERVER:
+            continue  # the ceilings are this machine's, not the server's
         requests = ctx.requests_for(name)
         if ctx.workload.bound == "compute":
             out[name] = compute_roofline(dims, requests, ceilings)
@@ -137,6 +140,7 @@ def to_json(ctx: BenchContext, env: dict[str, Any], results: dict[str, SystemRes
             "vs_baselines": {b: _ratio(tps, results[b].median_tok_s) for b in BASELINES if b in results},
             "roofline": {**asdict(roof), "share": _ratio(tps, roof.ceiling_tok_s)} if roof else None,
             "weight_bytes": ctx.weight_bytes.get(name),
+            "latency": res.median_latency,
         }
     source = ctx.source
     return {
@@ -151,6 +155,7 @@ def to_json(ctx: BenchContext, env: dict[str, Any], results: dict[str, SystemRes
             "seed": ctx.args.seed,
             "baseline_limit": ctx.baseline_limit,
         },
+        "server": {"url": ctx.args.url, "model": ctx.server_model} if getattr(ctx.args, "url", None) else None,
         "environment": env,
         "ceilings": asdict(ceilings) if ceilings else None,
         "systems": systems,
