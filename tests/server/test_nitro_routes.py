@@ -261,7 +261,12 @@ def test_starting_without_a_model(tiny_model_dir, monkeypatch):
     from nitro_torch.cli import main
 
     started: list = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: started.append(app.state.host.engine))
+
+    def run_without_serving(server: uvicorn.Server) -> None:
+        started.append(server.config.app.state.host.engine)
+        server.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "run", run_without_serving)
     monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)  # leave the test process's logging alone
     assert main(["serve", "--model", "none", "--device", "cpu"]) == 0
     assert started == [None]
