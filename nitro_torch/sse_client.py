@@ -1,4 +1,6 @@
-"""A small standard-library client for the server's JSON and server-sent-event routes (no httpx/openai needed)."""
+"""A small standard-library client for the server's JSON and server-sent-event routes (no httpx/openai needed):
+the terminal chat's, and `nitro-torch bench --url`'s (one connection per request, so threads run requests in
+parallel)."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ class ServerError(Exception):
 class Server:
     """One server: `url` may be given with or without `/v1`, a trailing slash or a scheme."""
 
-    def __init__(self, url: str, api_key: str | None = None) -> None:
+    def __init__(self, url: str, api_key: str | None = None, read_timeout_s: float = READ_TIMEOUT_S) -> None:
         if "://" not in url:
             url = "http://" + url
         parts = urlsplit(url)
@@ -35,6 +37,7 @@ class Server:
         self.scheme, self.netloc = parts.scheme, parts.netloc
         self.base_url = f"{parts.scheme}://{parts.netloc}{self.prefix[: -len('/v1')]}"
         self.api_key = api_key
+        self.read_timeout_s = read_timeout_s
 
     def _connection(self) -> http.client.HTTPConnection:
         cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
@@ -52,12 +55,12 @@ class Server:
         conn = self._connection()
         try:
             conn.connect()
-            conn.sock.settimeout(READ_TIMEOUT_S)
+            conn.sock.settimeout(self.read_timeout_s)
             conn.request(method, self.prefix + path, body=data, headers=headers)
             response = conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            raise ServerError(f"cannot reach {self.base_url}: {_reason(exc)}") from None
+            raise ServerError(f"cannot reach the server at {self.base_url}: {_reason(exc)}") from None
         except BaseException:  # Ctrl-C while connecting: never leave the socket open
             conn.close()
             raise
@@ -73,13 +76,14 @@ class Server:
         try:
             return json.loads(response.read())
         except (OSError, http.client.HTTPException, ValueError) as exc:
-            raise ServerError(f"bad answer from {self.base_url}{self.prefix}{path}: {_reason(exc)}") from None
+            raise ServerError(f"bad answer from {self.base_url}/v1{path}: {_reason(exc)}") from None
         finally:
             conn.close()
 
     def stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """POSTs `body` and yields each `data:` event's JSON until `[DONE]`. Closing the generator (or an exception
-        in it, Ctrl-C included) closes the connection at once, which is how the server learns to abort."""
+        """POSTs `body` and yields each `data:` event's JSON until `[DONE]` (a stream cut short of it is a ServerError).
+        Closing the generator (or an exception in it, Ctrl-C included) closes the connection at once, which is how
+        the server learns to abort."""
         conn, response = self._send("POST", path, body)
         try:
             for raw in response:
@@ -93,6 +97,7 @@ class Server:
                 if "error" in event:
                     raise ServerError(_error_message(data.encode("utf-8")))
                 yield event
+            raise ServerError(f"the stream from {self.base_url} ended without [DONE]")
         except (OSError, http.client.HTTPException) as exc:
             raise ServerError(f"connection to {self.base_url} lost: {_reason(exc)}") from None
         except ValueError as exc:

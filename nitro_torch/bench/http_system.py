@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from nitro_torch.bench.context import SERVER, BenchContext
-from nitro_torch.bench.http_client import Client, ServerError, StreamResult, probe
+from nitro_torch.bench.http_client import Server, ServerError, StreamResult, probe, stream_request
 from nitro_torch.bench.systems import Outputs, System
 from nitro_torch.bench.workloads import BenchRequest
 
@@ -47,7 +47,7 @@ class ServerSystem(System):
         models = probe(args.url, args.api_key)
         self.model = args.model or (models[0] if models else None)
         self.ctx.server_model = self.model
-        self.client = Client(args.url, args.api_key, timeout=args.request_timeout)
+        self.server = Server(args.url, args.api_key, read_timeout_s=args.request_timeout)
         limit = f"at most {args.concurrency} in flight" if args.concurrency else "all at once"
         self.notes.append(f"{args.url}, model {self.model or '(not named)'}, requests {limit}")
 
@@ -76,12 +76,12 @@ class ServerSystem(System):
         if self.model:
             body["model"] = self.model
         if request.messages is not None:
-            return "/v1/chat/completions", {**body, "messages": request.messages}
-        return "/v1/completions", {**body, "prompt": list(request.prompt_token_ids)}
+            return "/chat/completions", {**body, "messages": request.messages}
+        return "/completions", {**body, "prompt": list(request.prompt_token_ids)}
 
     def _send(self, request: BenchRequest) -> StreamResult:
         path, body = self.payload(request)
-        return self.client.stream_request(path, body)
+        return stream_request(self.server, path, body)
 
     def generate(self, requests: Sequence[BenchRequest]) -> Outputs:
         workers = min(self.ctx.args.concurrency or len(requests), len(requests))

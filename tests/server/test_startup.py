@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from nitro_torch.server.startup import WILDCARD_HOSTS, lan_ipv4_addresses, served_urls
 from tests.server.conftest import server_process
@@ -92,8 +91,8 @@ def test_served_urls() -> None:
         assert served_urls(host, 1) == [f"http://{address}:1/" for address in addresses]
 
 
-@pytest.mark.parametrize("host", ["0.0.0.0"])
-def test_a_taken_port_fails_with_uvicorns_code_and_no_block(host: str) -> None:
+def test_a_taken_port_fails_with_uvicorns_code_and_no_block() -> None:
+    host = "0.0.0.0"
     with server_process("--model", "none", "--host", host, "--log-level", "warning",
                         wait_healthy=False) as (_, base_url, log):
         startup_block(log)  # bound
