@@ -63,6 +63,7 @@ class SchedulerConfig:
 class RunnerConfig:
     cuda_graphs: bool = field(default=True, metadata={"help": "replay decode steps as captured CUDA graphs (CUDA only; --no-cuda-graphs runs them eagerly)"})
     attention_backend: Literal["auto", "triton", "torch"] = field(default="auto", metadata={"help": "paged-attention kernels: auto = Triton on CUDA, torch elsewhere"})
+    engine_core: Literal["process", "thread"] = field(default="process", metadata={"help": "where the engine core (scheduler, model, sampling) runs: its own process, or a thread of the server's (debugging)"})
 
 
 @dataclass
@@ -179,7 +180,7 @@ def _unwrap(tp: Any) -> tuple[Any, bool]:
 def _collect_options() -> dict[str, Option]:
     options: dict[str, Option] = {}
     for section in dataclasses.fields(Config):
-        cls = section.default_factory  # type: ignore[misc]
+        cls: Any = section.default_factory
         hints = get_type_hints(cls)
         for f in dataclasses.fields(cls):
             options[f.name] = Option(section.name, f.name, hints[f.name], f.default, f.metadata.get("help", ""))

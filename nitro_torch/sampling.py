@@ -42,6 +42,16 @@ class GuidedDecoding:
     spec: str = ""
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The logprob of a sampled token, as the sampler reports it and the API turns into OpenAI's shape."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+    """The most likely alternatives at this position, best first (token id, logprob)."""
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int | None = 16

@@ -7,7 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -80,7 +80,7 @@ class Server:
         finally:
             conn.close()
 
-    def stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def stream(self, path: str, body: dict[str, Any]) -> Generator[dict[str, Any], None, None]:
         """POSTs `body` and yields each `data:` event's JSON until `[DONE]` (a stream cut short of it is a ServerError).
         Closing the generator (or an exception in it, Ctrl-C included) closes the connection at once, which is how
         the server learns to abort."""

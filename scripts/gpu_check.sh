@@ -8,11 +8,13 @@
 # can be overridden from the environment.
 set -uo pipefail
 
-TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-420}        # the whole script: 7 minutes on an H100/H200, summary included
+TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-540}        # the whole script: 9 minutes on an H100/H200, summary included
 INSTALL_TIMEOUT_S=${INSTALL_TIMEOUT_S:-30}
 TESTS_TIMEOUT_S=${TESTS_TIMEOUT_S:-75}   # 55 s on an H200
 W256_1B_TIMEOUT_S=${W256_1B_TIMEOUT_S:-60}
 W256_8B_TIMEOUT_S=${W256_8B_TIMEOUT_S:-100}
+PROFILE_TIMEOUT_S=${PROFILE_TIMEOUT_S:-60}   # torch.profiler of single decode steps (llama-1b at 1 and 256, llama-8b at 1)
+HTTP_W256_TIMEOUT_S=${HTTP_W256_TIMEOUT_S:-120} # save a random-init llama-1b, serve it, bench --url w256
 DECODE_BF16_TIMEOUT_S=${DECODE_BF16_TIMEOUT_S:-30}
 DECODE_NF4_TIMEOUT_S=${DECODE_NF4_TIMEOUT_S:-75} # includes saving the random-init 8B model once (16 GB) for quantized loading
 DECODE_INT8_TIMEOUT_S=${DECODE_INT8_TIMEOUT_S:-110} # reuses that folder; two quantized loads (HF and nitro) per step
@@ -49,6 +51,25 @@ run_step() {
   fi
 }
 
+# http_w256 SHAPE: the same w256 requests through `nitro-torch serve` on this GPU (the served default: the engine
+# core in its own process), measured by `bench --url`; compare with the in-process w256 figure of the same shape.
+http_w256() {
+  local shape=$1 port=3999 folder
+  folder=$(python3 -c "import torch; from nitro_torch.bench.models import save_random_model as s; print(s('$shape', torch.bfloat16, 'cuda', 0, '/tmp/nitro_weights'))" | tail -1) || return 1
+  python3 -m nitro_torch.cli serve --model "$folder" --port $port --max-num-seqs 256 --max-num-batched-tokens 8192 \
+      --max-model-len 2048 --log-level warning > "$OUT/serve-$shape.log" 2>&1 &
+  local server=$!
+  for _ in $(seq 1 90); do
+    curl -sf "http://127.0.0.1:$port/health" > /dev/null && break
+    sleep 1
+  done
+  python3 -m nitro_torch.cli bench --url "http://127.0.0.1:$port" --workload w256 --shape "$shape" --concurrency 256 \
+      --json "$OUT/w256-$shape-http.json"
+  local rc=$?
+  kill "$server"; wait "$server" 2> /dev/null
+  return $rc
+}
+
 main() {
   echo "=== GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1)"
   if compgen -G ".whl/*.whl" > /dev/null; then
@@ -74,10 +95,17 @@ PY
 
   run_step gpu-tests "$TESTS_TIMEOUT_S" python3 -m pytest -m gpu -q -p no:cacheprovider tests/gpu
 
+  # Where does a decode step's time go? GPU busy vs idle per step, and whether the decode graph replayed.
+  run_step profile-1b "$PROFILE_TIMEOUT_S" \
+      python3 -m nitro_torch.bench.profile_step --shape llama-1b --seqs 1 256 --json "$OUT/profile-llama-1b.json"
+  run_step profile-8b "$PROFILE_TIMEOUT_S" \
+      python3 -m nitro_torch.bench.profile_step --shape llama-8b --seqs 1 --json "$OUT/profile-llama-8b.json"
+
   run_step w256-llama-1b "$W256_1B_TIMEOUT_S" \
       python3 scripts/bench.py --workload w256 --shape llama-1b --baseline-limit "$W256_BASELINE_LIMIT" --json "$OUT/w256-llama-1b.json"
   run_step w256-llama-8b "$W256_8B_TIMEOUT_S" \
       python3 scripts/bench.py --workload w256 --shape llama-8b --baseline-limit "$W256_BASELINE_LIMIT" --json "$OUT/w256-llama-8b.json"
+  run_step w256-llama-1b-http "$HTTP_W256_TIMEOUT_S" http_w256 llama-1b
   run_step decode-b1-bf16 "$DECODE_BF16_TIMEOUT_S" \
       python3 scripts/bench.py --workload decode-b1 --shape llama-8b --repeats 1 --json "$OUT/decode-b1-bf16.json"
   run_step decode-b1-nf4 "$DECODE_NF4_TIMEOUT_S" \
@@ -87,7 +115,10 @@ PY
 
   echo
   echo "=== summary (${SECONDS}s in all)"
-  python3 scripts/bench_summary.py "$OUT"/w256-*.json "$OUT"/decode-b1-*.json
+  python3 scripts/bench_summary.py "$OUT"/w256-llama-?b.json "$OUT"/decode-b1-*.json
+  for profile in "$OUT"/profile-*.json "$OUT"/w256-*-http.json; do
+    [[ -f $profile ]] && { echo "--- $(basename "$profile")"; python3 -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1])), indent=1)[:1500])" "$profile"; }
+  done
   if ((${#failed[@]})); then
     echo "failed steps: ${failed[*]}"
     return 1

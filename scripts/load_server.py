@@ -7,7 +7,6 @@ import asyncio
 import time
 
 import httpx
-
 from load_report import CHAT_PATH, Outcome
 
 

@@ -42,6 +42,7 @@ from load_report import (  # noqa: E402
     summarize,
 )
 from load_server import finished_requests, still_serving, wait_idle, watch_health  # noqa: E402
+
 TOPICS = ("the sea", "a small town", "coffee", "trains", "the moon", "winter", "a library", "bicycles")
 BAD_BODIES: tuple[tuple[str, bytes], ...] = (
     ("malformed_json", b'{"messages": [{"role": "user", "content": "Hello"'),

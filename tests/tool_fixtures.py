@@ -51,9 +51,9 @@ def tool_engine_config(tool_model_dir):
 
 @pytest.fixture(scope="session")
 def tool_async_engine(tool_engine_config) -> Iterator[Any]:
-    from nitro_torch.engine.async_engine import AsyncEngine
+    from nitro_torch.engine.client import start_engine_client
 
-    engine = AsyncEngine.from_config(tool_engine_config)
+    engine = start_engine_client(tool_engine_config)
     try:
         yield engine
     finally:

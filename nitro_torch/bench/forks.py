@@ -36,7 +36,12 @@ def main() -> None:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     computed: list[int] = []
     execute = engine.runner.execute
-    engine.runner.execute = lambda plan: (computed.append(plan.num_tokens), execute(plan))[1]
+
+    def counting_execute(plan):
+        computed.append(plan.num_tokens)
+        return execute(plan)
+
+    engine.runner.execute = counting_execute
 
     def run(forked: bool) -> tuple[float, int]:
         computed.clear()

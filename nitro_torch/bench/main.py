@@ -149,7 +149,7 @@ WORKLOADS: dict[str, Workload] = {
 }
 
 
-assert set(WORKLOADS) == set(WORKLOAD_NAMES), "options.WORKLOAD_NAMES lists the workloads"
+assert set(WORKLOADS) | {"host-overhead"} == set(WORKLOAD_NAMES), "options.WORKLOAD_NAMES lists the workloads"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,6 +159,8 @@ assert set(WORKLOADS) == set(WORKLOAD_NAMES), "options.WORKLOAD_NAMES lists the 
 
 def check_args(args: argparse.Namespace) -> str | None:
     """Fill the workload's defaults into `args`; an error message when the options do not fit together."""
+    if args.workload == "host-overhead":
+        return None if args.url is None else "--workload host-overhead runs in-process, not against --url"
     workload = WORKLOADS[args.workload]
     return check_arguments(args, workload.default_repeats, workload.default_shape is not None)
 
@@ -218,6 +220,10 @@ def run(args: argparse.Namespace, reexec_argv: Sequence[str] | None = None) -> i
     if reexec_argv is not None:
         apply_omp_wait_policy(args.omp_wait_policy, reexec_argv)
     quiet_transformers()
+    if args.workload == "host-overhead":
+        from nitro_torch.bench.host_overhead import run_host_overhead
+
+        return run_host_overhead(args)
     workload = WORKLOADS[args.workload]
     names = select_systems(args, workload)
     in_process = [n for n in names if n != SERVER]

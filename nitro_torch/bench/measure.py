@@ -57,8 +57,8 @@ def count_tokens(outputs: Outputs, requests: Sequence[BenchRequest]) -> tuple[in
     """(useful generated tokens: each request's output up to its own max_tokens, requests that came up short)."""
     if len(outputs) != len(requests):
         raise RuntimeError(f"got {len(outputs)} outputs for {len(requests)} requests")
-    useful = [min(len(o), r.max_tokens) for o, r in zip(outputs, requests)]
-    short = sum(u < r.max_tokens for u, r in zip(useful, requests))
+    useful = [min(len(o), r.max_tokens) for o, r in zip(outputs, requests, strict=True)]
+    short = sum(u < r.max_tokens for u, r in zip(useful, requests, strict=True))
     return sum(useful), short
 
 
@@ -169,9 +169,9 @@ def compare_outputs(name: str, outputs: Outputs, ref_name: str, ref: Outputs,
                     requests: Sequence[BenchRequest]) -> CheckResult:
     """Over the requests both ran (the baselines may have run only the first --baseline-limit)."""
     divergence = []
-    for out, expected, r in zip(outputs, ref, requests):
+    for out, expected, r in zip(outputs, ref, requests, strict=False):
         a, b = out[: r.max_tokens], expected[: r.max_tokens]
-        diff = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), -1)
+        diff = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), -1)
         if diff < 0 and len(a) != len(b):
             diff = min(len(a), len(b))
         divergence.append(diff)

@@ -172,7 +172,7 @@ def load_hf_model(source: ModelSource, attn_implementation: str = "sdpa") -> Any
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=source.dtype, attn_implementation=attn_implementation, **extra
     )
-    return model.to(source.device).eval()
+    return model.to(source.device).eval()  # type: ignore[arg-type]  # transformers' decorated `to` mistypes it
 
 
 def nitro_random_loaded_model(source: ModelSource, attn_implementation: str) -> Any:

@@ -16,7 +16,8 @@ REFERENCE_SYSTEM = "hf-static"
 BASELINES = ("hf-static", "hf-cb")
 SYSTEM_NAMES = (NITRO, "hf-static", "hf-cb", SERVER)
 """In-process engines, plus `server`: a running server benchmarked over HTTP (`--url`)."""
-WORKLOAD_NAMES = ("chat-64", "decode-b1", "w256")
+WORKLOAD_NAMES = ("chat-64", "decode-b1", "w256", "host-overhead")
+"""host-overhead is not a throughput workload: the engine's own host time per step (bench/host_overhead.py)."""
 
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": {"hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,

@@ -162,8 +162,9 @@ def bandwidth_roofline(dims: ModelDims, requests: Sequence[BenchRequest], weight
 
 def weight_bytes_read(model: torch.nn.Module) -> int:
     """Bytes of weights one decoded token reads (see the module docstring)."""
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # torch types unknown Module attributes as Tensor | Module; these are transformers' methods when present.
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None  # type: ignore[operator]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # type: ignore[operator]
     embed_weight = getattr(embedding, "weight", None)
     tied = embed_weight is not None and getattr(head, "weight", None) is embed_weight
     total = 0

@@ -102,7 +102,7 @@ class HFStatic(System):
             do_sample=False,
         )
         new = out[:, input_ids.shape[1] :].tolist()
-        return [tokens[: r.max_tokens] for tokens, r in zip(new, batch)]
+        return [tokens[: r.max_tokens] for tokens, r in zip(new, batch, strict=True)]
 
     def close(self) -> None:
         del self.model
@@ -164,7 +164,7 @@ class HFContinuousBatching(System):
         self.notes.append(f"attn={args.hf_cb_attn} {shown}; EOS ignored per request (eos_token_id=-1)")
         self._serial = 0
 
-    def _sizes(self) -> dict[str, int]:
+    def _sizes(self) -> dict[str, Any]:
         """Given flags, else the CPU defaults on CPU; `page_size` is `block_size` before transformers 5.2x."""
         from transformers import ContinuousBatchingConfig
 

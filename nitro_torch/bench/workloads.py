@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import random
 import statistics
-from typing import NamedTuple, Protocol, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
 
 Message = dict[str, str]
 

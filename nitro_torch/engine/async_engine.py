@@ -1,7 +1,9 @@
-"""AsyncEngine: the LLMEngine loop in a background thread, bridged to asyncio with one queue per request.
+"""AsyncEngine: an EngineClient whose core runs in a thread of this process (`--engine-core thread`: debugging,
+and tests that reach into the core). The served default runs the core in a process of its own (process_client.py).
 
-The HTTP event loop never waits on the model: it only posts commands (add, abort) to the engine thread and
-reads deltas from per-request asyncio queues, filled through `call_soon_threadsafe`.
+The core thread only steps: each step's token ids go to the event loop as one batch (one `call_soon_threadsafe`
+a step, not one a request), where the output processor detokenizes them and fills the per-request queues.
+Commands (add, finish, embed) reach the thread through a queue.
 """
 
 from __future__ import annotations
@@ -13,37 +15,52 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import torch
-
 from nitro_torch.config import Config
-from nitro_torch.engine.engine import LLMEngine
-from nitro_torch.engine.outputs import RequestOutput
+from nitro_torch.engine.client import EngineDeadError, EngineError, RequestStreams, is_fatal_device_error
+from nitro_torch.engine.core import EngineCore
+from nitro_torch.engine.messages import CoreOutput, EngineCoreRequest, EngineInfo, EngineStats
+from nitro_torch.engine.outputs import FinishReason, RequestOutput
+from nitro_torch.models.loader import LoadedModel
 from nitro_torch.sampling import SamplingParams
 
 logger = logging.getLogger("nitro_torch.engine")
 
 
-class EngineError(RuntimeError):
-    """The engine failed while serving a request."""
+class StagedThreadCore:
+    """Weights loaded in this process (StagedEngine for `--engine-core thread`)."""
+
+    def __init__(self, config: Config, cpu_threads: int | None = None) -> None:
+        from nitro_torch.engine.loading import stage_weights
+
+        self.config = config
+        self.cpu_threads = cpu_threads
+        self.loaded: LoadedModel | None = stage_weights(config)
+
+    def start(self) -> AsyncEngine:
+        from nitro_torch.engine.loading import place_on_device
+
+        loaded, self.loaded = self.loaded, None
+        assert loaded is not None, "started twice"
+        return AsyncEngine(EngineCore(place_on_device(loaded, self.config, self.cpu_threads), self.config))
+
+    def discard(self) -> None:
+        self.loaded = None
 
 
 @dataclass
 class _Add:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    sink: "_Sink"
-    parent_id: str | None = None
+    request: EngineCoreRequest
 
 
 @dataclass
-class _Abort:
+class _Finish:
     request_id: str
+    reason: FinishReason
 
 
 @dataclass
 class _Embed:
-    """One packed embedding forward, run on the engine thread between steps."""
+    """One packed embedding forward, run on the core thread between steps."""
 
     token_id_lists: list[list[int]]
     loop: asyncio.AbstractEventLoop
@@ -64,33 +81,24 @@ class _Embed:
             pass  # the event loop is closed: nobody is listening any more
 
 
-@dataclass
-class _Sink:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[RequestOutput | BaseException]
-
-    def put(self, item: RequestOutput | BaseException) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:
-            pass  # the event loop is closed: nobody is listening any more
-
-
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.model_name = engine.model_name
-        self.max_model_len = engine.max_model_len
-        self._commands: queue.SimpleQueue[_Add | _Abort | _Embed | None] = queue.SimpleQueue()
-        self._sinks: dict[str, _Sink] = {}
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self.info: EngineInfo = core.info
+        self.config = core.config
+        self.tokenizer = core.tokenizer
+        self.model_name = core.model_name
+        self.max_model_len = core.max_model_len
+        self.streams = RequestStreams(core.tokenizer)
+        self.request_metrics = self.streams.processor.request_metrics
+        self._commands: queue.SimpleQueue[_Add | _Finish | _Embed | None] = queue.SimpleQueue()
+        self._num_sent = 0
+        """Requests handed to the core thread (written on the event loop only)."""
+        self._num_received = 0
+        """Requests the core thread has taken in (written by it only)."""
         self._dead: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="nitro-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="nitro-engine-core", daemon=True)
         self._thread.start()
-
-    @classmethod
-    def from_config(cls, config: Config) -> "AsyncEngine":
-        return cls(LLMEngine.from_config(config))
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, parent_id: str | None = None
@@ -100,52 +108,44 @@ class AsyncEngine:
         `parent_id` names a request with the same prompt whose computed prompt this one shares (n > 1).
         """
         if self._dead is not None:
-            raise EngineError("the engine has stopped") from self._dead
-        sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
-        self._commands.put(_Add(request_id, list(prompt_token_ids), params, sink, parent_id))
-        finished = False
-        try:
-            while not finished:
-                item = await sink.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:
-                self.abort(request_id)
+            raise EngineDeadError("the engine has stopped") from self._dead
+        request = EngineCoreRequest(request_id, list(prompt_token_ids), params, parent_id)
+        stream = self.streams.open(request)
+        self._num_sent += 1
+        self._commands.put(_Add(request))
+        async for output in self.streams.follow(stream, self.abort):
+            yield output
 
     async def prepare(self, params: SamplingParams) -> None:
-        """Compile the request's grammar in a worker thread, so a slow schema never stalls the engine's steps
-        (add_request then finds it cached); SamplingParamsError if it is invalid."""
+        """Compile the request's grammar in a worker thread, so a slow schema never stalls the core's steps
+        (add then finds it cached); SamplingParamsError if it is invalid."""
         if params.guided is not None:
-            await asyncio.to_thread(self.engine.guided.compile, params.guided)
+            await asyncio.to_thread(self.core.guided.compile, params.guided)
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(_Abort(request_id))
-
-    @property
-    def embedding_size(self) -> int:
-        return self.engine.embedding_size
+        self.streams.close(request_id)
+        self._commands.put(_Finish(request_id, FinishReason.ABORT))
 
     async def embed(self, token_id_lists: list[list[int]]) -> list[list[float]]:
-        """Unit-length embeddings, one per input. Each packed forward is its own engine-thread command, so
-        generation steps run between the forwards of a large request."""
+        """Unit-length embeddings, one per input. Each packed forward is its own core command, so generation
+        steps run between the forwards of a large request."""
         from nitro_torch.runner.embedder import pack_batches
 
         loop = asyncio.get_running_loop()
         vectors: list[list[float]] = []
-        budget = self.engine.config.scheduler.max_num_batched_tokens
-        for batch in pack_batches([len(ids) for ids in token_id_lists], budget):
+        for batch in pack_batches([len(ids) for ids in token_id_lists], self.info.max_num_batched_tokens):
             if self._dead is not None:
-                raise EngineError("the engine has stopped") from self._dead
+                raise EngineDeadError("the engine has stopped") from self._dead
             command = _Embed([list(token_id_lists[i]) for i in batch], loop, loop.create_future())
             self._commands.put(command)
             vectors.extend(await command.future)
         return vectors
 
-    def stats(self) -> dict[str, int | float]:
-        return self.engine.stats()
+    def stats(self) -> EngineStats:
+        """The core's counters; requests on their way to the core count as waiting."""
+        stats = self.core.stats()
+        stats.num_waiting += max(0, self._num_sent - self._num_received)
+        return stats
 
     @property
     def is_alive(self) -> bool:
@@ -153,50 +153,43 @@ class AsyncEngine:
 
     @property
     def num_live_requests(self) -> int:
-        """Requests the engine thread still streams to (a read of a dict's size: safe from any thread)."""
-        return len(self._sinks)
+        return self.streams.num_live
 
     def shutdown(self) -> None:
         """Stop the loop; requests still in flight end with an error instead of hanging."""
-        error = EngineError("the server is shutting down")
+        error = EngineDeadError("the server is shutting down")
         self._dead = self._dead or error
         self._commands.put(None)
         self._thread.join(timeout=30)
         while not self._commands.empty():
             command = self._commands.get_nowait()
-            if isinstance(command, _Add):
-                command.sink.put(error)
-            elif isinstance(command, _Embed):
+            if isinstance(command, _Embed):
                 command.resolve(error)
-        self._fail_all(error)
+        self.streams.fail_all(error)
 
-    # engine thread ---------------------------------------------------------------------------------
+    # core thread -----------------------------------------------------------------------------------
 
     def _run(self) -> None:
         try:
             while True:
-                block = not self.engine.has_unfinished_requests
+                block = not self.core.has_unfinished_requests
                 if not self._apply_commands(block):
                     return
-                if self.engine.has_unfinished_requests:
+                if self.core.has_unfinished_requests:
                     self._step()
         except BaseException as exc:  # the loop itself broke: fail everyone rather than hang them
             logger.exception("engine loop died")
             self._dead = exc
-            self._fail_all(EngineError("the engine stopped unexpectedly"))
-
-    def _fail_all(self, error: EngineError) -> None:
-        for sink in list(self._sinks.values()):
-            sink.put(error)
-        self._sinks.clear()
+            self.streams.fail_all(EngineDeadError("the engine stopped unexpectedly"))
 
     def _apply_commands(self, block: bool) -> bool:
         """Drain pending commands (waiting for one when idle); False on shutdown."""
+        outputs: list[CoreOutput] = []
         while True:
             try:
                 command = self._commands.get(block=block)
             except queue.Empty:
-                return True
+                break
             block = False
             if command is None:
                 return False
@@ -205,59 +198,51 @@ class AsyncEngine:
             elif isinstance(command, _Embed):
                 self._embed(command)
             else:
-                self._abort(command.request_id)
+                output = self.core.finish(command.request_id, command.reason)
+                if output is not None:
+                    outputs.append(output)
+        self._deliver(outputs)
+        return True
 
     def _add(self, command: _Add) -> None:
+        request_id = command.request.request_id
+        self._num_received += 1
         try:
-            self.engine.add_request(command.request_id, command.prompt_token_ids, command.params,
-                                    parent_id=command.parent_id)
+            self.core.add_request(command.request)
         except Exception as exc:
-            command.sink.put(exc)
-            return
-        self._sinks[command.request_id] = command.sink
+            self.streams.fail(request_id, exc)
 
     def _embed(self, command: _Embed) -> None:
         try:
-            command.resolve(self.engine.embed(command.token_id_lists))
+            command.resolve(self.core.embed(command.token_id_lists))
         except Exception as exc:
             logger.exception("embedding forward failed")
             command.resolve(EngineError(f"embedding failed: {type(exc).__name__}"))
 
-    def _abort(self, request_id: str) -> None:
-        output = self.engine.abort(request_id)
-        sink = self._sinks.pop(request_id, None)
-        if sink is not None and output is not None:
-            sink.put(output)
-
     def _step(self) -> None:
-        self._deliver(self.engine.expire_requests())
+        expired = self.core.expire_requests()
         try:
-            outputs = self.engine.step()
+            outputs = self.core.step()
         except Exception as exc:
             if is_fatal_device_error(exc):
                 raise  # the device is unusable: the loop ends, /health turns 503 and every request gets an error
             logger.exception("engine step failed; failing its requests")
+            self._deliver(expired)
             self._fail_running(exc)
             return
-        self._deliver(outputs)
+        self._deliver(expired + outputs if expired else outputs)
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for output in outputs:
-            sink = self._sinks.get(output.request_id)
-            if sink is None:
-                continue
-            sink.put(EngineError(f"inference failed: {output.error}") if output.error else output)
-            if output.finished:
-                del self._sinks[output.request_id]
+    def _deliver(self, outputs: list[CoreOutput]) -> None:
+        if outputs:
+            self.streams.dispatch(outputs, self._finish_stopped)
+
+    def _finish_stopped(self, request_ids: list[str]) -> None:
+        """On the event loop: requests that hit a stop string end in the core too."""
+        for request_id in request_ids:
+            self._commands.put(_Finish(request_id, FinishReason.STOP))
 
     def _fail_running(self, exc: Exception) -> None:
-        for request in list(self.engine.scheduler.running):
-            self.engine.abort(request.request_id)
-            sink = self._sinks.pop(request.request_id, None)
-            if sink is not None:
-                sink.put(EngineError(f"inference failed: {type(exc).__name__}"))
-
-
-def is_fatal_device_error(exc: BaseException) -> bool:
-    """A CUDA error (illegal address, device-side assert, ECC...) poisons the context: no later step can work."""
-    return isinstance(exc, torch.AcceleratorError) or "CUDA error" in str(exc)
+        error = EngineError(f"inference failed: {type(exc).__name__}")
+        for request in list(self.core.scheduler.running):
+            self.core.finish(request.request_id)
+            self.streams.fail(request.request_id, error)

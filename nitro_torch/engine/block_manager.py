@@ -58,6 +58,8 @@ class BlockManager:
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[BlockKey, int] = {}
         self._request_keys: dict[str, list[BlockKey]] = {}
+        self._published: dict[str, int] = {}
+        """Request id -> how many of its leading full blocks cache_full_blocks has already published."""
         self.pending_copies: list[tuple[int, int]] = []
         """(source, destination) block copies the runner must do before the next forward."""
         self.stats = BlockStats()
@@ -101,6 +103,8 @@ class BlockManager:
         return PrefixHit(parent.block_ids[:num_shared], kept, copy_from)
 
     def can_allocate(self, request: Request, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
+        if hit is None and request.num_computed_tokens + num_new_tokens <= len(request.block_ids) * self.block_size:
+            return True  # fits in the blocks it has (most decode steps)
         hit_blocks = hit.block_ids if hit else []
         computed = hit.num_tokens if hit else request.num_computed_tokens
         total = self.blocks_needed(computed + num_new_tokens)
@@ -110,6 +114,8 @@ class BlockManager:
 
     def allocate(self, request: Request, num_new_tokens: int, hit: PrefixHit | None = None) -> None:
         """Give the request blocks for `num_new_tokens` more tokens, taking prefix-hit blocks first."""
+        if hit is None and request.num_computed_tokens + num_new_tokens <= len(request.block_ids) * self.block_size:
+            return
         if not self.can_allocate(request, num_new_tokens, hit):
             raise MemoryError("not enough free KV blocks")
         if hit is not None:
@@ -134,8 +140,13 @@ class BlockManager:
         """Publish the request's computed full blocks so later requests can share them."""
         if not self.enable_prefix_caching:
             return
+        num_full = request.num_computed_tokens // self.block_size
+        published = self._published.get(request.request_id, 0)
+        if num_full <= published:
+            return  # no block filled up since the last call (most decode steps)
+        self._published[request.request_id] = num_full
         keys = self._keys_for(request, request.num_computed_tokens)
-        for key, block_id in zip(keys, request.block_ids):
+        for key, block_id in zip(keys[published:], request.block_ids[published:]):
             block = self.blocks[block_id]
             if block.key is None and key not in self._cached:
                 block.key = key
@@ -153,11 +164,13 @@ class BlockManager:
         request.block_ids = []
         request.num_computed_tokens = 0
         self._request_keys.pop(request.request_id, None)
+        self._published.pop(request.request_id, None)
 
     def reset_prefix_cache(self) -> None:
         for block in self.blocks:
             block.key = None
         self._cached.clear()
+        self._published.clear()
 
     def _keys_for(self, request: Request, num_tokens: int) -> list[BlockKey]:
         """Keys of the request's first num_tokens // block_size blocks, computed once per block."""

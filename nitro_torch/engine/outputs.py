@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
+
+from nitro_torch.sampling import TokenLogprob
+
+__all__ = ["FinishReason", "RequestOutput", "TokenLogprob"]
 
 
 class FinishReason(str, Enum):
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
-    """The most likely alternatives at this position, best first (token id, logprob)."""
 
 
 @dataclass

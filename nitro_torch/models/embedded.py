@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Literal
 
 logger = logging.getLogger("nitro_torch.models")
 
@@ -135,8 +136,9 @@ def _write_hf_folder(source: Path, folder: Path, say: Callable[[str], None], sho
         tokenizer.model_max_length = context_length  # GGUF tokenizers come back with a 1e30 placeholder
 
     # save_pretrained refuses models "quantized with gguf"; the weights are already plain dequantized tensors.
-    model.hf_quantizer = None
-    model.is_quantized = False
+    # (torch types unknown Module attributes as Tensor | Module, hence the ignores.)
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 
@@ -163,18 +165,18 @@ def _gguf_shortcuts() -> Iterator[None]:
     original_reader, original_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
     readers: dict[tuple[str, str], object] = {}
 
-    def shared_reader(path, mode: str = "r"):
+    def shared_reader(path, mode: Literal["r", "r+", "c"] = "r"):
         key = (os.path.realpath(path), mode)
         if key not in readers:
             readers[key] = original_reader(path, mode)
         return readers[key]
 
-    gguf.GGUFReader = shared_reader
+    gguf.GGUFReader = shared_reader  # type: ignore[misc, assignment]  # a deliberate monkeypatch of the class
     gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original_name_map)
     try:
         yield
     finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_name_map
+        gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_name_map  # type: ignore[misc]
 
 
 def _remove_stale_temp_dirs(target: Path) -> None:

@@ -94,7 +94,8 @@ def resolve_model_source(model: str, cache_dir: str | None = None) -> tuple[str,
         return str(as_path.resolve()), as_path.resolve().name
     if as_path.exists() or _looks_like_path(model):
         raise ModelNotFoundError(
-            f"model {model!r} is neither a folder with config.json, a .gguf file, nor a hub id (no such folder: {as_path})"
+            f"model {model!r} is neither a folder with config.json, a .gguf file, nor a hub id "
+            f"(no such folder: {as_path})"
         )
     return _resolve_cached_hub_id(model), model
 
@@ -163,7 +164,7 @@ def load_model(config: ModelConfig, attn_implementation: str | None = None) -> L
         device_map=_device_map(config, device, quantization.bitsandbytes), **quantize,
     )
     if not quantization.bitsandbytes and config.device_map == "none":
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers' decorated `to` mistypes its first argument
     model.eval()
     model.requires_grad_(False)
     report_progress(f"loaded {name} (quantization: {quantization.description}) in {time.monotonic() - started:.1f} s")

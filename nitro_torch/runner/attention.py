@@ -66,9 +66,9 @@ class AttentionMetadata:
                 return None if tensor is None else tensor.to(device)
 
             copy = dataclasses.replace(
-                self, slot_mapping=moved(self.slot_mapping), decode_block_tables=moved(self.decode_block_tables),
+                self, slot_mapping=self.slot_mapping.to(device), decode_block_tables=moved(self.decode_block_tables),
                 decode_context_lens=moved(self.decode_context_lens),
-                prefills=[dataclasses.replace(c, block_table=moved(c.block_table)) for c in self.prefills],
+                prefills=[dataclasses.replace(c, block_table=c.block_table.to(device)) for c in self.prefills],
                 prefill_block_tables=moved(self.prefill_block_tables),
                 prefill_cu_query_lens=moved(self.prefill_cu_query_lens),
                 prefill_context_lens=moved(self.prefill_context_lens), prefill_tiles=None, _copies={},
@@ -175,6 +175,7 @@ def prefill_attention(
         if sliding_window:
             mask &= k_pos > q_pos - sliding_window
     if softcap:
+        assert mask is not None  # built above whenever softcap is set
         out = _softcapped_attention(q, k, v, mask, scale, softcap)
     else:
         out = F.scaled_dot_product_attention(
@@ -208,7 +209,7 @@ def paged_attention_forward(
     if _current is None:
         raise RuntimeError("nitro_paged attention called outside an engine step")
     meta = _current.on(query.device)
-    layer = module.layer_idx
+    layer: int = module.layer_idx  # type: ignore[assignment]  # torch types Module attributes as Tensor | Module
     q = query[0].transpose(0, 1)  # [T, H, D]
     k = key[0].transpose(0, 1)  # [T, KV, D]
     v = value[0].transpose(0, 1)
@@ -228,6 +229,7 @@ def _attend_with_torch(meta: AttentionMetadata, layer: int, q: torch.Tensor, k: 
     nd = meta.num_decode_tokens
     if nd:
         tables = meta.decode_block_tables
+        assert tables is not None and meta.decode_context_lens is not None  # set whenever there are decode rows
         keys, values = meta.kv_cache.gather(layer, tables.flatten())
         num_reqs = tables.shape[0]
         out[:nd] = paged_decode_attention(
@@ -265,17 +267,22 @@ def _launch_kernels(meta: AttentionMetadata, layer: int, q: torch.Tensor, k: tor
     k_cache, v_cache = meta.kv_cache.keys[layer], meta.kv_cache.values[layer]
     store_kv_triton(k_cache, v_cache, k, v, meta.slot_mapping)
     nd = meta.num_decode_tokens
-    decode_out = prefill_out = None
+    decode_out: torch.Tensor | None = None
+    prefill_out: torch.Tensor | None = None
     if nd:
+        assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
         decode_out = paged_decode_triton(q[:nd], k_cache, v_cache, meta.decode_block_tables,
                                          meta.decode_context_lens, scale, sliding_window, softcap)
     if meta.prefills:
+        assert meta.prefill_block_tables is not None and meta.prefill_cu_query_lens is not None
+        assert meta.prefill_context_lens is not None  # the model runner fills these with the chunks
         if meta.prefill_tiles is None:
             meta.prefill_tiles = query_tiles(meta.prefill_cu_query_lens, q.shape[0] - nd)
         prefill_out = prefill_paged_triton(q[nd:], k_cache, v_cache, meta.prefill_block_tables,
                                            meta.prefill_cu_query_lens, meta.prefill_context_lens, scale,
                                            sliding_window, softcap, meta.prefill_tiles)
     if prefill_out is None:
+        assert decode_out is not None  # a step has decode rows, prefill chunks or both
         return decode_out
     if decode_out is None:
         return prefill_out

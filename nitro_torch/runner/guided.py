@@ -13,14 +13,14 @@ import re
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 import xgrammar as xgr
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from nitro_torch.engine.request import Request
+from nitro_torch.runner.sequence import SequenceState
 from nitro_torch.sampling import GuidedDecoding, SamplingParamsError
 
 logger = logging.getLogger("nitro_torch.guided")
@@ -49,7 +49,7 @@ def grammar_compiler(tokenizer: PreTrainedTokenizerBase, vocab_size: int,
     return compiler
 
 
-def logits_vocab_size(model: torch.nn.Module) -> int:
+def logits_vocab_size(model: PreTrainedModel) -> int:
     """Width of the model's logits, which may exceed len(tokenizer) (padded embedding tables)."""
     head = model.get_output_embeddings()
     width = getattr(head, "out_features", None) or getattr(getattr(head, "weight", None), "shape", [None])[0]
@@ -155,7 +155,7 @@ class TokenMask:
 class GuidedDecoder:
     """Per engine: the compiler (TokenizerInfo built on first use), compiled grammars and live matchers."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, stop_token_ids: Sequence[int],
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, stop_token_ids: Iterable[int],
                  device: torch.device) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = max(vocab_size, len(tokenizer))
@@ -199,7 +199,7 @@ class GuidedDecoder:
                 self._grammars.popitem(last=False)
         return compiled
 
-    def attach(self, request: Request) -> None:
+    def attach(self, request: SequenceState) -> None:
         """Compile the request's grammar (SamplingParamsError if it is invalid) and start its matcher."""
         guided = request.params.guided
         if guided is None:
@@ -214,7 +214,7 @@ class GuidedDecoder:
     def release(self, request_id: str) -> None:
         self._matchers.pop(request_id, None)
 
-    def token_mask(self, requests: Sequence[Request]) -> TokenMask | None:
+    def token_mask(self, requests: Sequence[SequenceState]) -> TokenMask | None:
         """The mask for the rows of `requests` that have a grammar; None when no row has one."""
         rows: list[int] = []
         matchers: list[xgr.GrammarMatcher] = []
@@ -243,7 +243,7 @@ class GuidedDecoder:
     def accept(self, mask: TokenMask, token_ids: Sequence[int]) -> list[int]:
         """Advance the grammar rows by their sampled tokens; returns the rows whose grammar has ended."""
         ended = []
-        for row, matcher in zip(mask.rows, mask.matchers):
+        for row, matcher in zip(mask.rows, mask.matchers, strict=True):
             if not matcher.accept_token(token_ids[row]):
                 logger.error("grammar rejected sampled token %d; ending the request", token_ids[row])
                 ended.append(row)

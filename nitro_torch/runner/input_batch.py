@@ -1,4 +1,4 @@
-"""A StepPlan flattened into the integer lists one packed forward needs. Plain Python: no tensors here.
+"""A StepInputs flattened into the integer lists one packed forward needs. Plain Python: no tensors here.
 
 Decodes (one token) come first, then the prefill chunks, so the attention sees one contiguous decode block
 [0, num_decodes) and the chunks after it. Block tables are padded with block 0 to the widest row; the kernels
@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from nitro_torch.engine.request import Request
-from nitro_torch.engine.scheduler import ScheduledRequest, StepPlan
+from nitro_torch.runner.sequence import ScheduledChunk, SequenceState, StepInputs
 
 PADDING_SLOT = -1
 """Slot of a padding token (CUDA-graph batches): the KV store skips it."""
@@ -23,7 +22,7 @@ class HostBatch:
     slots: list[int] = field(default_factory=list)
     logits_rows: list[int] = field(default_factory=list)
     """Packed row of each sampling request's last token, in `sampling` order."""
-    sampling: list[Request] = field(default_factory=list)
+    sampling: list[SequenceState] = field(default_factory=list)
     num_decodes: int = 0
     decode_tables: list[list[int]] = field(default_factory=list)
     decode_context_lens: list[int] = field(default_factory=list)
@@ -51,7 +50,7 @@ class HostBatch:
         return cumulative
 
 
-def build_host_batch(plan: StepPlan, block_size: int) -> HostBatch:
+def build_host_batch(plan: StepInputs, block_size: int) -> HostBatch:
     batch = HostBatch()
     decodes = [s for s in plan.scheduled if s.num_tokens == 1]
     prefills = [s for s in plan.scheduled if s.num_tokens > 1]
@@ -76,7 +75,7 @@ def build_host_batch(plan: StepPlan, block_size: int) -> HostBatch:
     return batch
 
 
-def _add_prefill(batch: HostBatch, item: ScheduledRequest, block_size: int) -> None:
+def _add_prefill(batch: HostBatch, item: ScheduledChunk, block_size: int) -> None:
     request, start, count = item.request, item.start_position, item.num_tokens
     blocks = request.block_ids
     batch.prefill_query_starts.append(len(batch.token_ids))

@@ -19,7 +19,7 @@ class KVLayout:
     dtype: torch.dtype
 
     @classmethod
-    def from_model_config(cls, config: PretrainedConfig, block_size: int, dtype: torch.dtype) -> "KVLayout":
+    def from_model_config(cls, config: PretrainedConfig, block_size: int, dtype: torch.dtype) -> KVLayout:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         num_heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
@@ -60,11 +60,12 @@ class KVCache:
         k_cache, v_cache = self.keys[layer], self.values[layer]
         rows = k_cache.view(k_cache.shape[0], -1)
         n, width = block_ids.numel(), rows.shape[1]
-        gather_k, gather_v = self._gather_buffers.get(k_cache.device, (None, None))
-        if gather_k is None or gather_k.numel() < n * width:
-            gather_k = torch.empty(n * width, dtype=rows.dtype, device=rows.device)
-            gather_v = torch.empty(n * width, dtype=rows.dtype, device=rows.device)
-            self._gather_buffers[k_cache.device] = (gather_k, gather_v)
+        buffers = self._gather_buffers.get(k_cache.device)
+        if buffers is None or buffers[0].numel() < n * width:
+            buffers = (torch.empty(n * width, dtype=rows.dtype, device=rows.device),
+                       torch.empty(n * width, dtype=rows.dtype, device=rows.device))
+            self._gather_buffers[k_cache.device] = buffers
+        gather_k, gather_v = buffers
         shape = (n, *k_cache.shape[1:])
         k = torch.index_select(rows, 0, block_ids, out=gather_k[: n * width].view(n, width))
         v = torch.index_select(v_cache.view(v_cache.shape[0], -1), 0, block_ids,

@@ -1,4 +1,5 @@
-"""StepPlan -> packed tensors -> one HF forward (or a decode-graph replay) -> logits of the requests that sample."""
+"""StepInputs -> packed tensors -> one HF forward (or a decode-graph replay) -> logits of the requests that sample
+-> their sampled tokens (`execute_and_sample`)."""
 
 from __future__ import annotations
 
@@ -8,20 +9,22 @@ import time
 import torch
 from transformers import PreTrainedModel
 
-from nitro_torch.engine.request import Request
-from nitro_torch.engine.scheduler import StepPlan
 from nitro_torch.runner.attention import AttentionMetadata, PrefillChunk, step_context
 from nitro_torch.runner.cuda_graphs import DecodeGraphs, DecodeInputs
 from nitro_torch.runner.input_batch import HostBatch, build_host_batch
 from nitro_torch.runner.kv_cache import KVCache
+from nitro_torch.runner.sequence import SequenceState, StepInputs
 from nitro_torch.runner.staging import InputStaging
+from nitro_torch.runner.step_sampling import ModelRunnerOutput, StepSampler
 
 logger = logging.getLogger("nitro_torch.runner")
 
 
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel, kv_cache: KVCache, device: torch.device) -> None:
+    def __init__(self, model: PreTrainedModel, kv_cache: KVCache, device: torch.device,
+                 sampling: StepSampler | None = None) -> None:
         self.model = model
+        self.sampling = sampling
         self.kv_cache = kv_cache
         self.device = device
         self.block_size = kv_cache.layout.block_size
@@ -45,8 +48,15 @@ class ModelRunner:
                         graphs.sizes, time.monotonic() - started)
         self.graphs = graphs
 
+    def execute_and_sample(self, plan: StepInputs) -> ModelRunnerOutput:
+        """The step's forward, then its sampling: what each sampling request drew, by request id."""
+        assert self.sampling is not None, "a runner that samples needs a StepSampler"
+        logits, rows = self.execute(plan)
+        with torch.inference_mode():
+            return self.sampling.sample(logits, rows)
+
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> tuple[torch.Tensor | None, list[Request]]:
+    def execute(self, plan: StepInputs) -> tuple[torch.Tensor | None, list[SequenceState]]:
         """Run the step; return logits [R, V] of the requests that sample, in the returned order."""
         self.kv_cache.copy_blocks(plan.block_copies)
         batch = build_host_batch(plan, self.block_size)

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nitro_torch.engine.outputs import TokenLogprob
-from nitro_torch.engine.request import Request
+from nitro_torch.runner.sequence import SequenceState
+from nitro_torch.sampling import TokenLogprob
 
 if TYPE_CHECKING:
     from nitro_torch.runner.guided import TokenMask
@@ -44,18 +44,21 @@ class Sampler:
     def release(self, request_id: str) -> None:
         self._seeded_generators.pop(request_id, None)
 
-    def sample(self, logits: torch.Tensor, requests: Sequence[Request],
+    def sample(self, logits: torch.Tensor, requests: Sequence[SequenceState],
                grammar: TokenMask | None = None) -> list[SampledToken]:
         """`grammar`: the allowed tokens of the rows that decode under a grammar (None: no such row)."""
         if len(requests) != logits.shape[0]:
             raise ValueError(f"{logits.shape[0]} logit rows for {len(requests)} requests")
-        finite = torch.isfinite(logits.amax(dim=-1))  # False for NaN (max propagates it), +inf, or all -inf
         if all(_is_plain_greedy(r) for r in requests):
-            token_ids = logits.argmax(dim=-1)
+            # One pass gives both: max's index is argmax's (the first maximum), its value says whether the row is
+            # broken (False for NaN, which max propagates, +inf, or all -inf).
+            row_max, token_ids = logits.max(dim=-1)
+            finite = torch.isfinite(row_max)
             if grammar is not None:
                 token_ids = grammar.greedy(logits, token_ids)
             return [SampledToken(t, None) for t in _flag_invalid(token_ids, finite).tolist()]
 
+        finite = torch.isfinite(logits.amax(dim=-1))
         scores = logits.to(torch.float32, copy=True)
         apply_penalties(scores, requests)
         apply_logit_bias(scores, requests)
@@ -73,7 +76,7 @@ class Sampler:
             return [SampledToken(t, None) for t in _flag_invalid(token_ids, finite).tolist()]
         return _with_logprobs(logits, token_ids, requests, top_n, finite)
 
-    def _draw(self, scores: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    def _draw(self, scores: torch.Tensor, requests: Sequence[SequenceState]) -> torch.Tensor:
         """Exponential-race sampling: argmax(p / q), q ~ Exp(1), draws each row from p.
 
         A seeded row gets its noise only from its own generator, so its tokens do not depend on
@@ -88,16 +91,16 @@ class Sampler:
                 noise[row].exponential_(generator=self._generator_for(request))
         return (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
 
-    def _generator_for(self, request: Request) -> torch.Generator:
+    def _generator_for(self, request: SequenceState) -> torch.Generator:
         generator = self._seeded_generators.get(request.request_id)
         if generator is None:
             generator = torch.Generator(device=self._device)
-            generator.manual_seed(request.params.seed)
+            generator.manual_seed(request.params.seed or 0)  # only seeded requests get here
             self._seeded_generators[request.request_id] = generator
         return generator
 
 
-def apply_penalties(scores: torch.Tensor, requests: Sequence[Request]) -> None:
+def apply_penalties(scores: torch.Tensor, requests: Sequence[SequenceState]) -> None:
     """In place: repetition (prompt + output), then frequency and presence (output only)."""
     rows = [i for i, r in enumerate(requests) if r.params.needs_penalties]
     if not rows:
@@ -121,7 +124,7 @@ def apply_penalties(scores: torch.Tensor, requests: Sequence[Request]) -> None:
     scores.index_copy_(0, row_index, sub)
 
 
-def apply_logit_bias(scores: torch.Tensor, requests: Sequence[Request]) -> None:
+def apply_logit_bias(scores: torch.Tensor, requests: Sequence[SequenceState]) -> None:
     """In place: add each request's logit_bias; ids beyond the logits (padding) are ignored."""
     vocab_size = scores.shape[1]
     rows: list[int] = []
@@ -138,7 +141,7 @@ def apply_logit_bias(scores: torch.Tensor, requests: Sequence[Request]) -> None:
         scores.index_put_(index, torch.tensor(values, dtype=scores.dtype, device=scores.device), accumulate=True)
 
 
-def mask_stops_before_min_tokens(scores: torch.Tensor, requests: Sequence[Request]) -> None:
+def mask_stops_before_min_tokens(scores: torch.Tensor, requests: Sequence[SequenceState]) -> None:
     """In place: a request that has not reached min_tokens may not pick a token that ends it.
 
     Not under a grammar: where the structure is complete the grammar allows only its stop tokens."""
@@ -161,7 +164,7 @@ def mask_stops_before_min_tokens(scores: torch.Tensor, requests: Sequence[Reques
         scores.index_put_(index, torch.tensor(float("-inf"), device=scores.device))
 
 
-def filter_for_sampling(scores: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+def filter_for_sampling(scores: torch.Tensor, requests: Sequence[SequenceState]) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p; filtered tokens get -inf. Greedy rows pass through."""
     params = [r.params for r in requests]
     device = scores.device
@@ -193,7 +196,7 @@ def _flag_invalid(token_ids: torch.Tensor, finite: torch.Tensor) -> torch.Tensor
 
 
 def _with_logprobs(
-    logits: torch.Tensor, token_ids: torch.Tensor, requests: Sequence[Request], top_n: int, finite: torch.Tensor
+    logits: torch.Tensor, token_ids: torch.Tensor, requests: Sequence[SequenceState], top_n: int, finite: torch.Tensor
 ) -> list[SampledToken]:
     logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
     chosen = logprobs.gather(1, token_ids[:, None])
@@ -217,7 +220,7 @@ def _with_logprobs(
     return sampled
 
 
-def _is_plain_greedy(request: Request) -> bool:
+def _is_plain_greedy(request: SequenceState) -> bool:
     params = request.params
     return (
         params.greedy

@@ -79,8 +79,8 @@ class AdmissionMiddleware:
             return self.pending
         stats = engine.stats()
         not_in_engine = max(0, self.pending - engine.num_live_requests)
-        free_slots = max(0, engine.engine.config.scheduler.max_num_seqs - int(stats.get("num_running", 0)))
-        return max(0, int(stats.get("num_waiting", 0)) + not_in_engine - free_slots)
+        free_slots = max(0, engine.info.max_num_seqs - stats.num_running)
+        return max(0, stats.num_waiting + not_in_engine - free_slots)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

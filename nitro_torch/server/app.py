@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
+import msgspec
 import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -28,7 +29,7 @@ from nitro_torch.server.request_ids import wrap_outermost
 from nitro_torch.server.security import middleware as security_middleware
 
 if TYPE_CHECKING:
-    from nitro_torch.engine.async_engine import AsyncEngine
+    from nitro_torch.engine.client import EngineClient
 
 logger = logging.getLogger("nitro_torch.server")
 
@@ -43,10 +44,17 @@ async def health(request: Request) -> JSONResponse:
     assert engine is not None
     if not engine.is_alive:
         raise APIError(503, "The inference engine has stopped.", type="server_error", code="engine_dead")
-    return JSONResponse({"status": "ok", **engine.stats()})
+    return JSONResponse({"status": "ok", **health_counters(engine)})
 
 
-def create_app(config: Config, engine: AsyncEngine | None = None, *, host: ModelHost | None = None) -> Starlette:
+def health_counters(engine: EngineClient) -> dict[str, int]:
+    info = engine.info
+    return {**msgspec.structs.asdict(engine.stats()), "kv_block_size": info.kv_block_size,
+            "kv_capacity_tokens": info.kv_capacity_tokens, "max_num_seqs": info.max_num_seqs,
+            "max_model_len": info.max_model_len}
+
+
+def create_app(config: Config, engine: EngineClient | None = None, *, host: ModelHost | None = None) -> Starlette:
     """An app serving `engine`, or `host`'s model; with neither, the lifespan loads `config.model` (unless it
     is "none") and shuts it down at exit. A caller-supplied engine or host stays the caller's to shut down.
     """
@@ -59,12 +67,12 @@ def create_app(config: Config, engine: AsyncEngine | None = None, *, host: Model
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if owns_host and host.engine is None and config.model.model != NO_MODEL:
-            from nitro_torch.engine.async_engine import AsyncEngine
+            from nitro_torch.engine.client import start_engine_client
 
             logger.info("loading model %s", config.model.model)
             # Loading blocks the loop on purpose: uvicorn binds the port only after start-up, so /health
             # answers once the model is ready.
-            host.install(AsyncEngine.from_config(config), config, owned=True)
+            host.install(start_engine_client(config), config, owned=True)
         app.state.started_at = int(time.time())
         if getattr(app.state, "drain_on_signal", False):  # run_server: SIGTERM starts draining
             from nitro_torch.server.draining import watch_signals
@@ -110,14 +118,12 @@ def run_server(config: Config) -> None:
     """
     from nitro_torch.server.startup import announce, served_urls, start_with_progress, startup_block
 
-    logging.basicConfig(level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
+    logging.basicConfig(level=config.server.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
     host = ModelHost(config)
     engine = None
     if config.model.model != NO_MODEL:
-        from nitro_torch.models.loader import load_model
-        from nitro_torch.runner.attention import register_paged_attention
-
-        engine = start_with_progress(load_model(config.model, attn_implementation=register_paged_attention()), config)
+        engine = start_with_progress(config)
         host.install(engine, config, owned=True)
     app = create_app(config, host=host)
     app.state.drain_on_signal = True

@@ -141,8 +141,9 @@ class ChatFormatter:
             text = self.prefixes.render(messages, add_generation_prompt)
             return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
         try:
-            ids = self.tokenizer.apply_chat_template(
-                messages, tools=tools, add_generation_prompt=add_generation_prompt,
+            # tools: transformers asks for a list[dict | Callable], which a list[dict[str, Any]] is not (invariance).
+            ids: Any = self.tokenizer.apply_chat_template(
+                messages, tools=tools, add_generation_prompt=add_generation_prompt,  # type: ignore[arg-type]
                 continue_final_message=continue_final_message, tokenize=True, return_dict=False,
                 **(template_kwargs or {}),
             )

@@ -5,20 +5,19 @@ Choice 0 is the parent request; choices 1..n-1 are forks of it in the engine, so
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from nitro_torch import __version__
+from nitro_torch.engine.client import generate_choices
 from nitro_torch.engine.outputs import FinishReason, RequestOutput, TokenLogprob
 from nitro_torch.sampling import SamplingParams
 from nitro_torch.server.errors import APIError
-from nitro_torch.server.fanout import interleave
 from nitro_torch.server.logprobs import TokenTexts, to_openai_logprobs
 from nitro_torch.server.protocol import (
     AssistantMessage,
@@ -29,11 +28,10 @@ from nitro_torch.server.protocol import (
     ChoiceLogprobs,
     Usage,
 )
-from nitro_torch.server.sampling_fields import choice_seed
 from nitro_torch.server.streaming import DONE_EVENT, INTERNAL_ERROR_EVENT, sse_event
 
 if TYPE_CHECKING:
-    from nitro_torch.engine.async_engine import AsyncEngine
+    from nitro_torch.engine.client import EngineClient
 
 logger = logging.getLogger("nitro_torch.server")
 
@@ -66,7 +64,6 @@ class Choice:
 
     index: int
     request_id: str
-    params: SamplingParams
     parser: OutputParser | None = None
     content: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -97,7 +94,7 @@ class Choice:
 class Completion:
     """One chat completion in flight: ids, the engine streams and what has been generated so far."""
 
-    engine: AsyncEngine
+    engine: EngineClient
     texts: TokenTexts
     prompt_ids: list[int]
     params: SamplingParams
@@ -111,22 +108,15 @@ class Completion:
 
     def __post_init__(self) -> None:
         self.choices = [
-            Choice(i, self.id if i == 0 else f"{self.id}-{i}", self._choice_params(i),
-                   self.parser_factory() if self.parser_factory else None)
+            Choice(i, self.id if i == 0 else f"{self.id}-{i}", self.parser_factory() if self.parser_factory else None)
             for i in range(self.n)
         ]
 
-    def _choice_params(self, index: int) -> SamplingParams:
-        if index == 0 or self.params.seed is None:
-            return self.params
-        return dataclasses.replace(self.params, seed=choice_seed(self.params.seed, index))
-
-    async def outputs(self) -> AsyncIterator[tuple[Choice, RequestOutput]]:
+    async def outputs(self) -> AsyncGenerator[tuple[Choice, RequestOutput], None]:
         """Every choice's deltas as they come; leaving early (or a failure) aborts the unfinished choices."""
-        parent = self.choices[0].request_id
-        streams = [self.engine.generate(c.request_id, self.prompt_ids, c.params,
-                                        parent_id=None if c.index == 0 else parent) for c in self.choices]
-        async with aclosing(interleave(streams)) as merged:
+        choices = generate_choices(self.engine, [self.prompt_ids], self.params, self.n,
+                                   lambda i: self.choices[i].request_id)
+        async with aclosing(choices) as merged:
             async for index, output in merged:
                 yield self._record(self.choices[index], output), output
 

@@ -23,7 +23,7 @@ from nitro_torch.server.model_host import lease_holder
 from nitro_torch.server.streaming import SSEResponse
 
 if TYPE_CHECKING:
-    from nitro_torch.engine.async_engine import AsyncEngine
+    from nitro_torch.engine.client import EngineClient
 
 logger = logging.getLogger("nitro_torch.server")
 
@@ -35,7 +35,7 @@ class ClientDisconnected(Exception):
     pass
 
 
-def get_engine(request: Request) -> AsyncEngine:
+def get_engine(request: Request) -> EngineClient:
     """The engine serving this request, leased from the app's ModelHost until the response is fully sent
     (so a model switch waits for it). The same engine for every call within one request.
 
@@ -58,7 +58,7 @@ def get_engine(request: Request) -> AsyncEngine:
     return lease.engine
 
 
-def token_texts(request: Request, engine: AsyncEngine) -> TokenTexts:
+def token_texts(request: Request, engine: EngineClient) -> TokenTexts:
     texts = getattr(request.app.state, "token_texts", None)
     if texts is None or texts.tokenizer is not engine.tokenizer:
         texts = request.app.state.token_texts = TokenTexts(engine.tokenizer)
@@ -154,15 +154,15 @@ async def until_disconnect(request: Request, work: Awaitable[_T]) -> _T:
 _formatters: weakref.WeakKeyDictionary[Any, ChatFormatter] = weakref.WeakKeyDictionary()
 
 
-def chat_formatter(engine: AsyncEngine) -> ChatFormatter:
+def chat_formatter(engine: EngineClient) -> ChatFormatter:
     """How the engine's model turns conversations into prompts (its template, or Nitro's prompt prefixes)."""
     formatter = _formatters.get(engine)
     if formatter is None:
-        formatter = _formatters[engine] = ChatFormatter.from_config(engine.tokenizer, engine.engine.config.chat)
+        formatter = _formatters[engine] = ChatFormatter.from_config(engine.tokenizer, engine.config.chat)
     return formatter
 
 
-def check_model_name(request: Request, engine: AsyncEngine, requested: str | None) -> None:
+def check_model_name(request: Request, engine: EngineClient, requested: str | None) -> None:
     """`model` may be empty (Nitro clients send "") or name the loaded model (its served name or --model value).
 
     A model loaded through Nitro's loadmodel answers to any name, as Nitro did: its clients use their own ids.
@@ -172,7 +172,7 @@ def check_model_name(request: Request, engine: AsyncEngine, requested: str | Non
     host = getattr(request.app.state, "host", None)
     if host is not None and host.serving is not None and host.serving.any_model_name:
         return
-    known = {engine.model_name, engine.engine.config.model.model}
+    known = {engine.model_name, engine.config.model.model}
     if requested not in known:
         raise APIError(404, f"The model '{requested}' does not exist; this server serves '{engine.model_name}'.",
                        type="invalid_request_error", param="model", code="model_not_found")

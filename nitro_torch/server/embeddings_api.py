@@ -88,7 +88,7 @@ def input_token_lists(tokenizer: PreTrainedTokenizerBase, inputs: list[Embedding
                            code="invalid_value")
     encoded = tokenizer([text for _, text in texts])["input_ids"] if texts else []
     token_lists = [list(item) if not isinstance(item, str) else [] for item in inputs]
-    for (index, _), ids in zip(texts, encoded):
+    for (index, _), ids in zip(texts, encoded, strict=True):
         token_lists[index] = list(ids)
     for index, ids in enumerate(token_lists):
         check_token_list(ids, vocab_size, "input", f"Input {index}")
@@ -109,7 +109,7 @@ async def create_embeddings(request: Request) -> Response:
     engine = get_engine(request)
     body = await parse_body(request, EmbeddingRequest)
     check_model_name(request, engine, body.model)
-    size = engine.embedding_size
+    size = engine.info.embedding_size
     if body.dimensions is not None and body.dimensions != size:
         raise APIError(400, f"'dimensions' is not supported: this model's embeddings have {size} dimensions.",
                        param="dimensions", code="invalid_value")

@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from nitro_torch.engine.engine import ContextLengthExceeded
+from nitro_torch.engine.client import ContextLengthExceeded, EngineDeadError
 from nitro_torch.sampling import SamplingParamsError
 from nitro_torch.server.protocol import ErrorInfo, ErrorResponse
 
@@ -133,6 +133,12 @@ async def handle_http_exception(request: Request, exc: Exception) -> JSONRespons
     return error.response(headers=headers or None)
 
 
+async def handle_engine_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("engine error on %s %s: %s", request.method, request.url.path, exc)
+    return APIError(503, "The inference engine has stopped; the request was not served.", type="server_error",
+                    code="engine_dead").response()
+
+
 async def handle_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     # The details go to the server log only: a client must never see paths or stack frames.
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
@@ -145,6 +151,7 @@ EXCEPTION_HANDLERS = {
     ValidationError: handle_validation_error,
     SamplingParamsError: handle_sampling_params_error,
     ContextLengthExceeded: handle_context_length_exceeded,
+    EngineDeadError: handle_engine_error,
     HTTPException: handle_http_exception,
     Exception: handle_unexpected_error,
 }

@@ -40,7 +40,8 @@ class TokenTexts:
             if isinstance(piece, str) and all(char in decoder for char in piece):
                 raw = bytes(decoder[char] for char in piece)
                 return raw.decode("utf-8", errors="replace"), list(raw)
-        text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        # transformers types decode as str | list[str]; a flat id list always decodes to one str.
+        text: str = self.tokenizer.decode([token_id], skip_special_tokens=False)  # type: ignore[assignment]
         return text, list(text.encode("utf-8"))
 
 

@@ -68,15 +68,15 @@ class NitroCollector:
         preemptions = CounterMetricFamily(PREFIX + "num_preemptions", "Requests preempted by the scheduler.",
                                           labels=labels)
         stats = engine.stats() if engine is not None and model is not None else None
-        if stats is not None:
+        if stats is not None and model is not None:
             value = [model]
-            running.add_metric(value, stats.get("num_running", 0))
-            waiting.add_metric(value, stats.get("num_waiting", 0))
-            total = stats.get("kv_blocks_total", 0)
-            kv.add_metric(value, stats.get("kv_blocks_used", 0) / total if total else 0.0)
-            queries.add_metric(value, stats.get("prefix_cache_query_tokens", 0))
-            hits.add_metric(value, stats.get("prefix_cache_hit_tokens", 0))
-            preemptions.add_metric(value, stats.get("num_preemptions", 0))
+            running.add_metric(value, stats.num_running)
+            waiting.add_metric(value, stats.num_waiting)
+            total = stats.kv_blocks_total
+            kv.add_metric(value, stats.kv_blocks_used / total if total else 0.0)
+            queries.add_metric(value, stats.prefix_cache_query_tokens)
+            hits.add_metric(value, stats.prefix_cache_hit_tokens)
+            preemptions.add_metric(value, stats.num_preemptions)
         yield from (running, waiting, kv, queries, hits, preemptions)
 
     def _request_families(self) -> Iterator[Metric]:

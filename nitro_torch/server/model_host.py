@@ -1,4 +1,4 @@
-"""ModelHost: owns the serving AsyncEngine (or none) and swaps it while the server stays up.
+"""ModelHost: owns the serving EngineClient (or none) and swaps it while the server stays up.
 
 A switch keeps the previous model serving as long as it can:
   1. LOADING    the new weights load in a worker thread (onto the CPU when the target is a GPU, so the old
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import logging
 import time
 import traceback
@@ -29,12 +28,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from nitro_torch.config import Config, ModelConfig
+from nitro_torch.config import Config
+from nitro_torch.engine.client import stage_engine, start_engine_client
 from nitro_torch.server.errors import APIError
 
 if TYPE_CHECKING:
-    from nitro_torch.engine.async_engine import AsyncEngine
-    from nitro_torch.models.loader import LoadedModel
+    from nitro_torch.engine.client import EngineClient, StagedEngine
 
 logger = logging.getLogger("nitro_torch.server")
 
@@ -79,7 +78,7 @@ class ModelLoadError(Exception):
 class Serving:
     """One installed engine and what it was started with."""
 
-    engine: AsyncEngine
+    engine: EngineClient
     config: Config
     owned: bool  # shut down by the host when replaced or closed
     embedding: bool = True
@@ -162,14 +161,14 @@ class ModelHost:
     @serving.setter
     def serving(self, serving: Serving | None) -> None:
         self._serving = serving
-        metrics = getattr(getattr(serving.engine, "engine", None), "request_metrics", None) if serving else None
-        if metrics is not None and not any(seen is metrics for _, seen in self.served_metrics):
+        metrics = getattr(serving.engine, "request_metrics", None) if serving else None
+        if serving is not None and metrics is not None and not any(seen is metrics for _, seen in self.served_metrics):
             self.served_metrics.append((serving.engine.model_name, metrics))
 
     # what routes see ------------------------------------------------------------------------------
 
     @property
-    def engine(self) -> AsyncEngine | None:
+    def engine(self) -> EngineClient | None:
         """The installed engine, also while it drains (None when no model is loaded)."""
         return self.serving.engine if self.serving else None
 
@@ -201,7 +200,7 @@ class ModelHost:
 
     # installing, loading, unloading ---------------------------------------------------------------
 
-    def install(self, engine: AsyncEngine, config: Config, *, owned: bool, embedding: bool = True) -> None:
+    def install(self, engine: EngineClient, config: Config, *, owned: bool, embedding: bool = True) -> None:
         """Serve an engine that is already running (start-up); only while no model is loaded."""
         if self.serving is not None or self.busy:
             raise RuntimeError("a model is already installed")
@@ -244,7 +243,7 @@ class ModelHost:
     async def _load(self, config: Config, embedding: bool, cpu_threads: int | None) -> Serving:
         try:
             try:
-                staged: LoadedModel | None = await asyncio.to_thread(stage_weights, config)
+                staged: StagedEngine = await asyncio.to_thread(stage_engine, config, cpu_threads=cpu_threads)
             except Exception as exc:
                 raise ModelLoadError(exc, "load", self.engine.model_name if self.engine else None) from exc
             self.state = HostState.SWITCHING
@@ -253,10 +252,11 @@ class ModelHost:
                 previous = _Previous.of(self.serving)
                 await self._retire(self.serving)
             try:
-                engine = await self._start(staged, config, cpu_threads)
+                engine = await self._start(staged)
             except Exception as exc:
                 logger.error("starting %s failed", config.model.model, exc_info=exc)
-                staged = None
+                await asyncio.to_thread(staged.discard)
+                del staged
                 traceback.clear_frames(exc.__traceback__)  # the frames hold the new model: free it first
                 await asyncio.to_thread(free_memory)
                 restored = await self._restore(previous)
@@ -268,8 +268,8 @@ class ModelHost:
         finally:
             self._settle()
 
-    async def _start(self, staged: LoadedModel, config: Config, cpu_threads: int | None) -> AsyncEngine:
-        engine = await asyncio.to_thread(start_engine, staged, config, cpu_threads)
+    async def _start(self, staged: StagedEngine) -> EngineClient:
+        engine = await asyncio.to_thread(staged.start)
         try:
             await warm_up(engine)
         except BaseException:
@@ -311,7 +311,7 @@ class ModelHost:
             return self.serving
         logger.warning("restoring the previous model %s", previous.config.model.model)
         try:
-            engine = await asyncio.to_thread(start_from_config, previous.config)
+            engine = await asyncio.to_thread(start_engine_client, previous.config)
         except Exception:
             logger.exception("could not restore the previous model; no model is loaded")
             return None
@@ -332,69 +332,17 @@ class _Previous:
         return cls(serving.config, serving.embedding, None if serving.owned else serving)
 
 
-# the blocking work, run in worker threads ---------------------------------------------------------
-
-
-def stage_weights(config: Config) -> LoadedModel:
-    """Model + tokenizer in the target dtype, on the CPU when the target is a GPU (moved in start_engine).
-
-    bitsandbytes weights load straight onto the GPU: they are quantized where they load, which on the CPU
-    would take minutes, so a switch to such a model needs room for both models for a moment. A model spread
-    over GPUs (--device-map auto) is placed by accelerate as it loads, so it too loads where it will run.
-    """
-    from nitro_torch.models.loader import load_model, resolve_device, resolve_dtype
-    from nitro_torch.runner.attention import register_paged_attention
-
-    device = resolve_device(config.model.device)
-    if device.type != "cpu" and (config.model.device_map == "auto" or uses_bitsandbytes(config.model)):
-        return load_model(config.model, attn_implementation=register_paged_attention())
-    dtype = str(resolve_dtype(config.model.dtype, device)).removeprefix("torch.")
-    staging = dataclasses.replace(config.model, device="cpu", dtype=dtype)  # type: ignore[arg-type]
-    return load_model(staging, attn_implementation=register_paged_attention())
-
-
-def uses_bitsandbytes(model: ModelConfig) -> bool:
-    from nitro_torch.models.loader import resolve_model_source
-    from nitro_torch.models.quantization import checkpoint_quantization
-
-    if model.quantization != "none":
-        return True
-    return checkpoint_quantization(resolve_model_source(model.model, model.model_cache_dir)[0]) is not None
-
-
-def start_engine(loaded: LoadedModel, config: Config, cpu_threads: int | None = None) -> AsyncEngine:
-    import torch
-
-    from nitro_torch.engine.async_engine import AsyncEngine
-    from nitro_torch.engine.engine import LLMEngine
-    from nitro_torch.models.loader import resolve_device
-
-    if cpu_threads is not None:
-        torch.set_num_threads(cpu_threads)  # process-wide: it is the server's one model
-    device = resolve_device(config.model.device)
-    if device != loaded.device:
-        loaded.model.to(device)
-        loaded.device = device
-    return AsyncEngine(LLMEngine(loaded, config))
-
-
-def start_from_config(config: Config) -> AsyncEngine:
-    return start_engine(stage_weights(config), config)
-
-
-async def warm_up(engine: AsyncEngine) -> None:
+async def warm_up(engine: EngineClient) -> None:
     """One greedy token, as Nitro's warm-up did: a model whose forward pass fails is caught before it serves."""
     from nitro_torch.sampling import SamplingParams
 
     prompt = list(engine.tokenizer.encode("Hello")) or [0]
     async for _ in engine.generate(f"warmup-{uuid.uuid4().hex}", prompt, SamplingParams(max_tokens=1, temperature=0.0)):
         pass
-    engine.engine.request_metrics.reset()  # /metrics counts traffic only
+    engine.request_metrics.reset()  # /metrics counts traffic only
 
 
 def free_memory() -> None:
-    import torch
+    from nitro_torch.engine.loading import free_memory as free
 
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free()

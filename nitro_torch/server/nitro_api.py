@@ -149,11 +149,10 @@ async def list_models(request: Request) -> Response:
 
 def _model_facts(serving: Serving) -> dict[str, Any]:
     engine, config = serving.engine, serving.config
-    loaded = engine.engine.loaded
     prompts = {k: v for k, v in vars(config.chat).items() if v is not None and k != "chat_template"}
     return {"model": engine.model_name, "ctx_len": engine.max_model_len,
             "n_parallel": config.scheduler.max_num_seqs, "cont_batching": True, "embedding": serving.embedding,
-            "device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch."),
+            "device": engine.info.device, "dtype": engine.info.dtype,
             "prompt_template": prompts or None, "loaded_at": serving.loaded_at}
 
 

@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from nitro_torch.engine.engine import check_context_length
+from nitro_torch.engine.client import check_context_length
 from nitro_torch.sampling import SamplingParamsError
 from nitro_torch.server.chat_template import to_template_messages
 from nitro_torch.server.completion import Completion

@@ -135,7 +135,9 @@ def component_schemas() -> tuple[dict[type[BaseModel], Schema], dict[str, Schema
 
 
 def _path_parameters(path: str) -> list[Schema]:
-    return [{"name": name, "in": "path", "required": True, "schema": _STRING} for name in re.findall(r"\{(\w+)\}", path)]
+    return [
+        {"name": name, "in": "path", "required": True, "schema": _STRING} for name in re.findall(r"\{(\w+)\}", path)
+    ]
 
 
 def _operation(path: str, method: str, operation: Operation, refs: dict[type[BaseModel], Schema],

@@ -112,13 +112,5 @@ class SamplingFields(_Lenient):
         )
 
 
-def choice_seed(seed: int | None, choice: int) -> int | None:
-    """Choice i of a seeded n > 1 request samples with seed + i: reproducible, yet the choices differ."""
-    if seed is None or choice == 0:
-        return seed
-    shifted = seed + choice
-    return shifted if shifted <= SEED_RANGE[1] else shifted - 2**64
-
-
 def _or(value: Any, default: Any) -> Any:
     return default if value is None else value

@@ -19,23 +19,21 @@ from nitro_torch import __version__
 from nitro_torch.config import Config
 
 if TYPE_CHECKING:
-    from nitro_torch.engine.async_engine import AsyncEngine
-    from nitro_torch.models.loader import LoadedModel
+    from nitro_torch.engine.client import EngineClient
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
 
 
-def start_with_progress(loaded: LoadedModel, config: Config) -> AsyncEngine:
-    """Engine construction (KV sizing, decode-graph capture) and a first request, under one progress bar: the
+def start_with_progress(config: Config) -> EngineClient:
+    """Engine start (weights, KV sizing, decode-graph capture) and a first request, under one progress bar: the
     first request pays one-off costs (kernel compilation, allocator growth) that no user request should."""
-    from nitro_torch.engine.async_engine import AsyncEngine
-    from nitro_torch.engine.engine import LLMEngine
+    from nitro_torch.engine.client import start_engine_client
     from nitro_torch.server.model_host import warm_up
 
     with tqdm(total=2, desc="warming up", unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
-        bar.set_postfix_str("sizing the KV cache")
-        engine = AsyncEngine(LLMEngine(loaded, config))
+        bar.set_postfix_str("loading the model, sizing the KV cache")
+        engine = start_engine_client(config)
         bar.update()
         bar.set_postfix_str("first request")
         try:
@@ -59,11 +57,10 @@ class Capacity:
     max_model_len: int
 
     @classmethod
-    def of(cls, engine: AsyncEngine) -> Capacity:
-        inner = engine.engine
-        return cls(kv_tokens=inner.kv_cache.capacity_tokens, kv_blocks=inner.kv_cache.num_blocks,
-                   block_size=inner.kv_cache.layout.block_size, max_num_seqs=inner.scheduler.max_num_seqs,
-                   max_model_len=inner.max_model_len)
+    def of(cls, engine: EngineClient) -> Capacity:
+        info = engine.info
+        return cls(kv_tokens=info.kv_capacity_tokens, kv_blocks=info.kv_blocks_total, block_size=info.kv_block_size,
+                   max_num_seqs=info.max_num_seqs, max_model_len=info.max_model_len)
 
     @property
     def full_context_requests(self) -> int:
@@ -87,7 +84,7 @@ def lan_ipv4_addresses() -> list[str]:
             found.add(socket.inet_ntoa(request.tobytes()[20:24]))
     if not found:  # no ioctl (not Linux): the host name's addresses
         try:
-            found = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
+            found = {str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
         except OSError:
             pass
     found.add("127.0.0.1")
@@ -103,18 +100,7 @@ def served_urls(host: str, port: int) -> list[str]:
     return [f"http://{shown}:{port}/"]
 
 
-def _device_description(engine: AsyncEngine, config: Config) -> str:
-    import torch
-
-    device = engine.engine.device
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        spread = " (layers spread with --device-map auto)" if config.model.device_map == "auto" else ""
-        return f"{device} ({name}){spread}"
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
-def startup_block(config: Config, engine: AsyncEngine | None, urls: list[str]) -> str:
+def startup_block(config: Config, engine: EngineClient | None, urls: list[str]) -> str:
     """The block printed once the port is bound."""
     lines = [f"nitro_torch {__version__} is ready."]
     width = 13
@@ -129,11 +115,11 @@ def startup_block(config: Config, engine: AsyncEngine | None, urls: list[str]) -
     if engine is None:
         row("Model:", "none loaded; load one with POST /inferences/llamacpp/loadmodel")
     else:
-        loaded = engine.engine.loaded
+        info = engine.info
         capacity = Capacity.of(engine)
         row("Model:", f"{engine.model_name} (context {capacity.max_model_len} tokens)")
-        row("Weights:", f"{str(loaded.dtype).removeprefix('torch.')}, quantization {loaded.quantization}")
-        row("Device:", _device_description(engine, config))
+        row("Weights:", f"{info.dtype}, quantization {info.quantization}")
+        row("Device:", info.device_name)
         row("KV cache:", f"{capacity.kv_tokens} tokens ({capacity.kv_blocks} blocks of {capacity.block_size}): "
                          f"{capacity.full_context_requests} requests at the full context")
         row("Sequences:", f"up to {capacity.max_num_seqs} at once (--max-num-seqs)")

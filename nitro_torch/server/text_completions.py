@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from transformers import PreTrainedTokenizerBase
 
-from nitro_torch.engine.engine import ContextLengthExceeded, check_context_length
+from nitro_torch.engine.client import ContextLengthExceeded, check_context_length, generate_choices
 from nitro_torch.engine.outputs import FinishReason, RequestOutput
 from nitro_torch.sampling import SamplingParams, SamplingParamsError
 from nitro_torch.server.completion import SYSTEM_FINGERPRINT
@@ -33,13 +33,12 @@ from nitro_torch.server.context import (
     respond,
 )
 from nitro_torch.server.errors import APIError
-from nitro_torch.server.fanout import interleave
 from nitro_torch.server.protocol import Usage
-from nitro_torch.server.sampling_fields import SamplingFields, choice_seed
+from nitro_torch.server.sampling_fields import SamplingFields
 from nitro_torch.server.streaming import DONE_EVENT, INTERNAL_ERROR_EVENT, sse_event
 
 if TYPE_CHECKING:
-    from nitro_torch.engine.async_engine import AsyncEngine
+    from nitro_torch.engine.client import EngineClient
 
 logger = logging.getLogger("nitro_torch.server")
 
@@ -143,7 +142,7 @@ class CompletionResponse(BaseModel):
 class TextCompletion:
     """All choices of one completions request in flight."""
 
-    engine: AsyncEngine
+    engine: EngineClient
     prompts: list[list[int]]
     params: SamplingParams
     n: int = 1
@@ -155,15 +154,10 @@ class TextCompletion:
         self._output_tokens = [0] * (len(self.prompts) * self.n)
         self._cached_tokens = [0] * (len(self.prompts) * self.n)
 
-    def _choice_params(self, choice: int) -> SamplingParams:
-        seed = choice_seed(self.params.seed, choice)
-        return self.params if seed == self.params.seed else dataclasses.replace(self.params, seed=seed)
-
-    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def outputs(self) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         """(choice index, delta) of all choices as they arrive; closing it aborts the unfinished ones."""
-        streams = [self.engine.generate(f"{self.id}-{i}", self.prompts[i // self.n], self._choice_params(i % self.n))
-                   for i in range(len(self._output_tokens))]
-        async with aclosing(interleave(streams)) as merged:
+        choices = generate_choices(self.engine, self.prompts, self.params, self.n, lambda i: f"{self.id}-{i}")
+        async with aclosing(choices) as merged:
             async for index, output in merged:
                 if output.finished:
                     self._output_tokens[index] = output.num_output_tokens

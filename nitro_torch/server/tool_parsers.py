@@ -95,7 +95,8 @@ class ToolCallDelta:
 def _json_values(text: str) -> list[Any] | None:
     """JSON values one after another, separated by whitespace, ';' or ','; None unless all of it parses."""
     decoder = json.JSONDecoder()
-    values, position = [], 0
+    values: list[Any] = []
+    position = 0
     while True:
         while position < len(text) and (text[position].isspace() or text[position] in ";,"):
             position += 1
@@ -136,6 +137,7 @@ def parse_call_body(fmt: ToolFormat, body: str) -> list[tuple[str, str]] | None:
         if not piece.strip():
             continue
         v11 = _MISTRAL_V11.fullmatch(piece) if fmt is MISTRAL else None
+        found: list[tuple[str, str] | None] | None
         if v11:
             text = _arguments_text(v11.group(2).strip())
             found = None if text is None else [(v11.group(1), text)]

@@ -364,6 +364,7 @@ def exported_metric_names() -> set[str]:
     from starlette.testclient import TestClient
 
     from nitro_torch.config import Config
+    from nitro_torch.engine.client import EngineStats
     from nitro_torch.server.app import create_app
 
     class StubEngine:
@@ -371,8 +372,8 @@ def exported_metric_names() -> set[str]:
         is_alive = True
         max_model_len = 16
 
-        def stats(self) -> dict[str, int]:
-            return {"num_running": 0, "num_waiting": 3}
+        def stats(self) -> EngineStats:
+            return EngineStats(num_running=0, num_waiting=3)
 
     config = Config()
     try:

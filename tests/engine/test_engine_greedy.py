@@ -74,7 +74,7 @@ def test_one_continuous_batch_matches_hf(engine: LLMEngine, prompts: list[list[i
                                          expected: list[list[int]]) -> None:
     got = engine.generate(prompts, [greedy(n) for n in MAX_TOKENS])
     assert got == expected
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_chunked_prefill_matches_hf(prompts: list[list[int]], expected: list[list[int]]) -> None:
@@ -87,9 +87,9 @@ def test_preemption_recomputes_same_tokens(prompts: list[list[int]], expected: l
     need = max(len(p) + n for p, n in zip(prompts, MAX_TOKENS))
     tight = make_engine(num_kv_blocks=-(-need // 16) + 2, max_num_seqs=8, prefix_caching=False)
     got = tight.generate(prompts, [greedy(n) for n in MAX_TOKENS])
-    assert tight.stats()["num_preemptions"] > 0
+    assert tight.stats().num_preemptions > 0
     assert got == expected
-    assert tight.stats()["kv_blocks_used"] == 0
+    assert tight.stats().kv_blocks_used == 0
 
 
 def test_prefix_cache_reuses_shared_system_prompt(engine: LLMEngine) -> None:
@@ -99,13 +99,13 @@ def test_prefix_cache_reuses_shared_system_prompt(engine: LLMEngine) -> None:
                for c in chats]
     cached = make_engine(max_num_seqs=4)
     first = cached.generate([prompts[0]], greedy(12))
-    hits_before = cached.stats()["prefix_cache_hit_tokens"]
+    hits_before = cached.stats().prefix_cache_hit_tokens
     second = cached.generate([prompts[1]], greedy(12))
-    hit_tokens = cached.stats()["prefix_cache_hit_tokens"] - hits_before
+    hit_tokens = cached.stats().prefix_cache_hit_tokens - hits_before
     assert hit_tokens >= 64
     uncached = make_engine(max_num_seqs=4, prefix_caching=False)
     assert uncached.generate(prompts, greedy(12)) == first + second
-    assert uncached.stats()["prefix_cache_hit_tokens"] == 0
+    assert uncached.stats().prefix_cache_hit_tokens == 0
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
@@ -122,4 +122,4 @@ def test_forked_choices_share_one_prefill_and_match_hf(prompts: list[list[int]],
         engine.step()
     assert [r.output_token_ids for r in (parent, *children)] == [expected[2]] * 3
     assert sum(computed) == len(prompt) + 2 + 3 * (len(expected[2]) - 1)
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0

@@ -123,7 +123,7 @@ def test_a_detokenizer_exception_fails_only_its_request(engine: LLMEngine,
                                                         clean: dict[str, list[RequestOutput]]) -> None:
     for request_id, prompt in PROMPTS.items():
         engine.add_request(request_id, prompt, greedy(request_id))
-    detokenizer = engine._tracked[VICTIM].detokenizer
+    detokenizer = engine.processor.requests[VICTIM].detokenizer
 
     def broken(token_id: int) -> str:
         raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
@@ -134,7 +134,7 @@ def test_a_detokenizer_exception_fails_only_its_request(engine: LLMEngine,
         for output in engine.step():
             outputs[output.request_id].append(output)
     assert_only_victim_failed(outputs, clean, "output processing failed: UnicodeDecodeError")
-    assert engine.block_manager.num_used_blocks == 0 and not engine._tracked
+    assert engine.block_manager.num_used_blocks == 0 and not engine.core.requests and not engine.processor.requests
 
 
 def test_out_of_memory_backs_off_and_retries(engine: LLMEngine, clean: dict[str, list[RequestOutput]]) -> None:

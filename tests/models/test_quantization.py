@@ -237,7 +237,7 @@ def test_in_process_server_loads_quantized_weights(tiny_model_dir: str, quantiza
     config = build_config(model_options(tiny_model_dir, quantization, max_num_seqs=4), env={})
     app = create_app(config)
     with serving(app) as url:
-        assert app.state.host.engine.engine.loaded.quantization == DESCRIPTIONS[quantization]
+        assert app.state.host.engine.info.quantization == DESCRIPTIONS[quantization]
         client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         answer = client.chat.completions.create(
             model=client.models.list().data[0].id, messages=[{"role": "user", "content": "Hello"}],

@@ -51,4 +51,4 @@ def test_engine_matches_hf_generate(model_type: str, smol_tokenizer) -> None:
             out = reference.generate(torch.tensor([prompt]), max_new_tokens=n,
                                      do_sample=False, pad_token_id=0)
         assert tokens == out[0, len(prompt):].tolist(), f"{model_type}: prompt of {len(prompt)} tokens"
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0

@@ -97,7 +97,8 @@ def run_in_lockstep(engine: LLMEngine, variants: dict[str, Callable[[], None]], 
         engine.scheduler.update(plan, {r.request_id: t for r, t in zip(sampling, tokens)})
         steps += 1
     for i in range(len(PROMPTS)):
-        engine._tracked.pop(f"r{i}", None)
+        engine.core.requests.pop(f"r{i}", None)
+        engine.processor.forget(f"r{i}")
     assert engine.block_manager.num_used_blocks == 0
     return steps
 

@@ -25,7 +25,7 @@ from nitro_torch.config import Config, build_config
 from .helpers import ENGINE_OPTIONS
 
 if TYPE_CHECKING:
-    from nitro_torch.engine.async_engine import AsyncEngine
+    from nitro_torch.engine.client import EngineClient
 
 LIVE_SERVER_START_TIMEOUT_S = 180.0
 LIVE_MAX_MODEL_LEN = 2048
@@ -44,15 +44,36 @@ def engine_config() -> Config:
 
 
 @pytest.fixture(scope="session")
-def real_engine(engine_config) -> Iterator[AsyncEngine]:
-    """The real AsyncEngine on the default model (CPU), shared by the in-process servers of this session."""
-    from nitro_torch.engine.async_engine import AsyncEngine
+def real_engine(engine_config) -> Iterator[EngineClient]:
+    """The real EngineClient on the default model (CPU), shared by the in-process servers of this session."""
+    from nitro_torch.engine.client import start_engine_client
 
-    engine = AsyncEngine.from_config(engine_config)
+    engine = start_engine_client(engine_config)
     try:
         yield engine
     finally:
         engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def thread_engine(engine_config) -> Iterator[EngineClient]:
+    """The default model with its core in a thread of this process (`--engine-core thread`): for the tests that
+    reach into the core to inject faults."""
+    from nitro_torch.engine.client import start_engine_client
+
+    engine = start_engine_client(engine_config, mode="thread")
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
+
+
+@pytest.fixture
+def thread_client(engine_config, thread_engine) -> Iterator[TestClient]:
+    from nitro_torch.server.app import create_app
+
+    with TestClient(create_app(engine_config, thread_engine), raise_server_exceptions=False) as test_client:
+        yield test_client
 
 
 @pytest.fixture
@@ -72,7 +93,7 @@ def free_port() -> int:
 @dataclass
 class RunningServer:
     base_url: str
-    engine: AsyncEngine | None = None
+    engine: EngineClient | None = None
 
     @property
     def api_url(self) -> str:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from nitro_torch.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from nitro_torch.engine.async_engine import AsyncEngine
+    from nitro_torch.engine.client import EngineClient, EngineStats
 
 HELLO = [{"role": "user", "content": "Hello"}]
 ENGINE_OPTIONS = {"model": "default", "device": "cpu", "max_num_seqs": 16, "max_model_len": 2048}
@@ -32,7 +32,7 @@ class Reference:
     num_output_tokens: int
 
 
-def engine_reference(engine: AsyncEngine, prompt_ids: list[int], **params) -> Reference:
+def engine_reference(engine: EngineClient, prompt_ids: list[int], **params) -> Reference:
     """Runs one request straight through `engine.generate` (no HTTP) and collects what it produced."""
 
     async def run() -> Reference:
@@ -57,11 +57,11 @@ def wait_until(condition, timeout_s: float = 10.0) -> bool:
     return condition()
 
 
-def is_idle(stats: dict) -> bool:
-    return stats["num_running"] == 0 and stats["num_waiting"] == 0 and stats["kv_blocks_used"] == 0
+def is_idle(stats: EngineStats) -> bool:
+    return stats.num_running == 0 and stats.num_waiting == 0 and stats.kv_blocks_used == 0
 
 
-def wait_until_idle(engine: AsyncEngine, timeout_s: float = 10.0) -> dict:
+def wait_until_idle(engine: EngineClient, timeout_s: float = 10.0) -> EngineStats:
     wait_until(lambda: is_idle(engine.stats()), timeout_s)
     return engine.stats()
 

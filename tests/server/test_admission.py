@@ -22,12 +22,12 @@ MAX_TOKENS = 48
 @pytest.fixture
 def small_server() -> Iterator[RunningServer]:
     """uvicorn in a thread over a private engine that runs one sequence at a time, with room for 2 waiting."""
-    from nitro_torch.engine.async_engine import AsyncEngine
+    from nitro_torch.engine.client import start_engine_client
     from nitro_torch.server.app import create_app
 
     config = build_config({**ENGINE_OPTIONS, "max_num_seqs": 1, "kv_cache_memory": 0.1, "max_queued_requests": 2,
                            "max_request_bytes": 4096}, env={})
-    engine = AsyncEngine.from_config(config)
+    engine = start_engine_client(config)
     try:
         with serving(create_app(config, engine)) as url:
             yield RunningServer(url, engine)
@@ -76,7 +76,7 @@ def test_overload_is_429_and_admitted_requests_complete(small_server):
     reply = httpx.post(base + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2}, timeout=60)
     assert reply.status_code == 200
     stats = wait_until_idle(small_server.engine)
-    assert stats["kv_blocks_used"] == 0 and stats["num_waiting"] == 0
+    assert stats.kv_blocks_used == 0 and stats.num_waiting == 0
 
 
 def test_embeddings_count_against_the_queue_bound(small_server):
@@ -86,7 +86,7 @@ def test_embeddings_count_against_the_queue_bound(small_server):
     for thread in threads:
         thread.start()
     deadline = time.monotonic() + 30
-    while small_server.engine.stats()["num_waiting"] < 2 and time.monotonic() < deadline:
+    while small_server.engine.stats().num_waiting < 2 and time.monotonic() < deadline:
         time.sleep(0.02)  # one running and two waiting: the bound of 2 is reached
     refused = httpx.post(base + "/v1/embeddings", json={"model": "", "input": "hello"}, timeout=60)
     for thread in threads:

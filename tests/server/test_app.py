@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from nitro_torch.server.app import health_counters
+
 from .helpers import HELLO as HELLO_MESSAGES
 from .helpers import engine_reference, is_idle, template_ids, token_counts, wait_until_idle
 
@@ -115,7 +117,7 @@ def test_models_and_health(client, real_engine):
     assert client.get(f"/v1/models/{name}").json()["id"] == name
     assert_error(client.get("/v1/models/other"), 404, code="model_not_found")
     health = client.get("/health").json()
-    assert health == {"status": "ok", **real_engine.stats()}
+    assert health == {"status": "ok", **health_counters(real_engine)}
     assert health["num_running"] == 0 and health["kv_blocks_used"] == 0 and health["kv_blocks_total"] > 0
     assert client.get("/healthz").status_code == 200
 
@@ -196,7 +198,7 @@ class StepFailure:
     """Fault injection into the real engine: the model runner's `execute` raises once, on call `after + 1`."""
 
     def __init__(self, engine, monkeypatch) -> None:
-        runner = engine.engine.runner
+        runner = engine.core.runner
         self._original = runner.execute
         self._countdown: int | None = None
         self.raised = 0
@@ -215,30 +217,30 @@ class StepFailure:
         return self._original(*args, **kwargs)
 
 
-def test_engine_failure_is_a_clean_500_and_server_goes_on(client, real_engine, tokenizer, monkeypatch):
-    reference = engine_reference(real_engine, template_ids(tokenizer, HELLO_MESSAGES), temperature=0, max_tokens=16)
-    failure = StepFailure(real_engine, monkeypatch)
+def test_engine_failure_is_a_clean_500_and_server_goes_on(thread_client, thread_engine, tokenizer, monkeypatch):
+    reference = engine_reference(thread_engine, template_ids(tokenizer, HELLO_MESSAGES), temperature=0, max_tokens=16)
+    failure = StepFailure(thread_engine, monkeypatch)
 
     failure.arm(after=2)
-    response = client.post("/v1/chat/completions", json=GREEDY_HELLO)
+    response = thread_client.post("/v1/chat/completions", json=GREEDY_HELLO)
     error = assert_error(response, 500, code="internal_error")
     assert failure.raised == 1
     assert error["type"] == "server_error" and error["message"] == GENERIC_500
     for leak in ("secret", "Traceback", "exploded", ".py"):
         assert leak not in response.text
-    assert is_idle(wait_until_idle(real_engine))  # the failed request gave its KV blocks back
+    assert is_idle(wait_until_idle(thread_engine))  # the failed request gave its KV blocks back
 
     failure.arm(after=2)
-    response = client.post("/v1/chat/completions", json={**GREEDY_HELLO, "stream": True})
+    response = thread_client.post("/v1/chat/completions", json={**GREEDY_HELLO, "stream": True})
     assert failure.raised == 2
     chunks = sse_payloads(response.text)
     assert chunks[-1]["error"]["type"] == "server_error" and chunks[-1]["error"]["message"] == GENERIC_500
     partial = streamed_text(chunks[:-1])
     assert partial and reference.text.startswith(partial) and partial != reference.text
     assert "secret" not in response.text and "exploded" not in response.text
-    assert is_idle(wait_until_idle(real_engine))
+    assert is_idle(wait_until_idle(thread_engine))
 
-    response = client.post("/v1/chat/completions", json=GREEDY_HELLO)
+    response = thread_client.post("/v1/chat/completions", json=GREEDY_HELLO)
     assert response.status_code == 200 and failure.raised == 2
     assert response.json()["choices"][0]["message"]["content"] == reference.text
 

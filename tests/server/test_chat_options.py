@@ -42,7 +42,7 @@ def test_n_choices_share_the_prompt_and_count_it_once(client, tokenizer, real_en
     # choice 0 is exactly the n=1 request with the same seed
     single = client.post("/v1/chat/completions", json={**body, "n": 1}).json()
     assert single["choices"][0]["message"]["content"] == texts[0]
-    assert wait_until_idle(real_engine)["kv_blocks_used"] == 0
+    assert wait_until_idle(real_engine).kv_blocks_used == 0
 
 
 def test_n_greedy_choices_equal_the_engine(client, tokenizer, real_engine):

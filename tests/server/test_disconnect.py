@@ -31,7 +31,7 @@ def test_openai_client_round_trip(threaded_server, tokenizer):
 def test_streaming_client_disconnect_aborts(threaded_server):
     engine = threaded_server.engine
     assert is_idle(wait_until_idle(engine))
-    steps_before = engine.stats()["num_steps"]
+    steps_before = engine.stats().num_steps
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", threaded_server.api_url + "/chat/completions",
                          json={**LONG_RUN, "stream": True}) as response:
@@ -40,22 +40,22 @@ def test_streaming_client_disconnect_aborts(threaded_server):
             for _ in range(3):  # the role chunk and two content chunks
                 next(events)
             stats = engine.stats()
-            assert stats["num_running"] == 1 and stats["kv_blocks_used"] > 0
+            assert stats.num_running == 1 and stats.kv_blocks_used > 0
     stats = wait_until_idle(engine)
     assert is_idle(stats), stats
-    assert 2 <= stats["num_steps"] - steps_before < LONG_RUN["max_tokens"]  # it ran, and stopped early
+    assert 2 <= stats.num_steps - steps_before < LONG_RUN["max_tokens"]  # it ran, and stopped early
     assert httpx.get(threaded_server.base_url + "/health").json()["num_running"] == 0
 
 
 def test_non_streaming_client_disconnect_aborts(threaded_server):
     engine = threaded_server.engine
     assert is_idle(wait_until_idle(engine))
-    steps_before = engine.stats()["num_steps"]
+    steps_before = engine.stats().num_steps
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(threaded_server.api_url + "/chat/completions", json=LONG_RUN, timeout=1.5)
     stats = wait_until_idle(engine)
     assert is_idle(stats), stats
-    assert 1 <= stats["num_steps"] - steps_before < LONG_RUN["max_tokens"]
+    assert 1 <= stats.num_steps - steps_before < LONG_RUN["max_tokens"]
     # the server still answers
     response = httpx.post(threaded_server.api_url + "/chat/completions",
                           json={"messages": HELLO, "max_tokens": 2}, timeout=60)

@@ -60,7 +60,7 @@ def test_openai_client_float_and_base64(threaded_server, tokenizer):
     floats = client.embeddings.create(model="", input=TEXTS, encoding_format="float")
     assert floats.object == "list" and floats.model == threaded_server.engine.model_name
     assert [item.index for item in floats.data] == [0, 1, 2]
-    hidden_size = threaded_server.engine.embedding_size
+    hidden_size = threaded_server.engine.info.embedding_size
     assert all(item.object == "embedding" and len(item.embedding) == hidden_size for item in floats.data)
     num_tokens = sum(len(tokenizer.encode(text)) for text in TEXTS)
     assert floats.usage.prompt_tokens == floats.usage.total_tokens == num_tokens
@@ -95,7 +95,7 @@ def test_every_input_form_gets_its_own_index(client, real_engine, tokenizer):
     torch.testing.assert_close(vectors(single_text)[0], vectors(batch)[0], atol=1e-5, rtol=1e-5)
     assert embed(client, TEXTS[0]) == single_text
     assert len({tuple(v.tolist()) for v in vectors(batch)}) == len(TEXTS)
-    assert embed(client, "x", dimensions=real_engine.embedding_size)["data"]  # the model's own size is fine
+    assert embed(client, "x", dimensions=real_engine.info.embedding_size)["data"]  # the model's own size is fine
 
 
 def test_embedding_while_generating_changes_neither(real_engine, tokenizer):

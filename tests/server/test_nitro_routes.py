@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -50,11 +52,11 @@ class Server:
 @pytest.fixture
 def server() -> Iterator[Server]:
     """The default model on a host of its own, served by uvicorn in a thread."""
-    from nitro_torch.engine.async_engine import AsyncEngine
+    from nitro_torch.engine.client import start_engine_client
 
     config = build_config(OPTIONS, env={})
     host = ModelHost(config, drain_timeout_s=120)
-    host.install(AsyncEngine.from_config(config), config, owned=True)
+    host.install(start_engine_client(config), config, owned=True)
     try:
         with serving(create_app(config, host=host)) as url:
             yield Server(url, host)
@@ -171,19 +173,26 @@ def stream_chat(url: str, max_tokens: int, started: threading.Event, results: li
     results.append((response.status_code, events))
 
 
+class FrozenCore:
+    """Holds the serving engine's core between steps while cleared: its process is stopped (SIGSTOP) and
+    continued (SIGCONT) on set(), as an operator could."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def clear(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def set(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass  # the core has ended (the switch shut it down)
+
+
 @contextmanager
-def frozen_between_steps(server: Server) -> Iterator[threading.Event]:
-    """The serving engine's thread waits before each step while the yielded event is clear."""
-    llm = server.host.engine.engine
-    gate = threading.Event()
-    gate.set()
-    original = llm.step
-
-    def gated_step():
-        gate.wait()
-        return original()
-
-    llm.step = gated_step
+def frozen_between_steps(server: Server) -> Iterator[FrozenCore]:
+    gate = FrozenCore(server.host.engine.pid)
     try:
         yield gate
     finally:
@@ -276,11 +285,11 @@ def test_switch_waits_for_leases_then_times_out(tiny_model_dir):
     """The host on its own: a lease held past the drain timeout does not block the switch forever."""
     import asyncio
 
-    from nitro_torch.engine.async_engine import AsyncEngine
+    from nitro_torch.engine.client import start_engine_client
 
     config = build_config({**OPTIONS, "model": tiny_model_dir}, env={})
     host = ModelHost(config, drain_timeout_s=0.5)
-    host.install(AsyncEngine.from_config(config), config, owned=True)
+    host.install(start_engine_client(config), config, owned=True)
     lease = host.acquire()
 
     async def scenario() -> float:

@@ -7,7 +7,7 @@ import json
 from starlette.testclient import TestClient
 
 from nitro_torch.config import build_config
-from nitro_torch.engine.async_engine import AsyncEngine
+from nitro_torch.engine.client import start_engine_client
 from nitro_torch.server.app import create_app
 
 BODY = {"model": "", "messages": [{"role": "user", "content": "Count to a thousand."}], "max_tokens": 900,
@@ -17,7 +17,7 @@ BODY = {"model": "", "messages": [{"role": "user", "content": "Count to a thousa
 def test_timed_out_requests_end_with_length(tiny_model_dir: str) -> None:
     config = build_config({"model": tiny_model_dir, "device": "cpu", "num_kv_blocks": 128,
                            "request_timeout": 0.5}, env={})
-    engine = AsyncEngine.from_config(config)
+    engine = start_engine_client(config)
     try:
         with TestClient(create_app(config, engine)) as client:
             answer = client.post("/v1/chat/completions", json=BODY).json()
@@ -31,6 +31,6 @@ def test_timed_out_requests_end_with_length(tiny_model_dir: str) -> None:
             finishes = [c["finish_reason"] for e in events for c in e["choices"] if c.get("finish_reason")]
             assert finishes == ["length"]
             assert 0 < events[-1]["usage"]["completion_tokens"] < 900
-            assert engine.engine.block_manager.num_used_blocks == 0
+            assert engine.stats().kv_blocks_used == 0
     finally:
         engine.shutdown()

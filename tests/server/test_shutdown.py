@@ -1,4 +1,4 @@
-"""AsyncEngine.shutdown() while a request streams: the request ends with EngineError instead of hanging."""
+"""EngineClient.shutdown() while a request streams: the request ends with EngineError instead of hanging."""
 
 import asyncio
 from collections.abc import Iterator
@@ -6,16 +6,16 @@ from collections.abc import Iterator
 import pytest
 
 from nitro_torch.config import build_config
-from nitro_torch.engine.async_engine import AsyncEngine, EngineError
+from nitro_torch.engine.client import EngineClient, EngineError, start_engine_client
 from nitro_torch.sampling import SamplingParams
 
 from .helpers import ENGINE_OPTIONS, HELLO, template_ids
 
 
 @pytest.fixture
-def own_engine() -> Iterator[AsyncEngine]:
+def own_engine() -> Iterator[EngineClient]:
     """A private engine (small KV cache), so shutting it down leaves the session's engine alone."""
-    engine = AsyncEngine.from_config(build_config({**ENGINE_OPTIONS, "kv_cache_memory": 0.1}, env={}))
+    engine = start_engine_client(build_config({**ENGINE_OPTIONS, "kv_cache_memory": 0.1}, env={}))
     try:
         yield engine
     finally:
@@ -29,7 +29,7 @@ def test_shutdown_fails_a_streaming_request(own_engine, tokenizer):
     async def scenario() -> list[str]:
         stream = own_engine.generate("streaming", prompt, params)
         received = [(await anext(stream)).new_text for _ in range(2)]
-        assert own_engine.stats()["num_running"] == 1
+        assert own_engine.stats().num_running == 1
         own_engine.shutdown()  # what the app's lifespan does, on the event loop's thread
 
         async def drain() -> None:

@@ -183,13 +183,13 @@ def test_openai_client(threaded_server, tokenizer):
 def test_non_streaming_disconnect_aborts_every_choice(threaded_server):
     engine = threaded_server.engine
     assert is_idle(wait_until_idle(engine))
-    steps_before = engine.stats()["num_steps"]
+    steps_before = engine.stats().num_steps
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(threaded_server.api_url + "/completions", json={**LONG_RUN, "prompt": [PROMPT, "Hi"], "n": 2},
                    timeout=2)
     stats = wait_until_idle(engine)
     assert is_idle(stats), stats
-    assert 1 <= stats["num_steps"] - steps_before < LONG_RUN["max_tokens"]
+    assert 1 <= stats.num_steps - steps_before < LONG_RUN["max_tokens"]
 
 
 def test_streaming_disconnect_aborts_every_choice(threaded_server):
@@ -202,6 +202,6 @@ def test_streaming_disconnect_aborts_every_choice(threaded_server):
         events = (line for line in response.iter_lines() if line.startswith("data: "))
         for _ in range(4):
             next(events)
-        assert engine.stats()["num_running"] == 3
+        assert engine.stats().num_running == 3
     stats = wait_until_idle(engine)
     assert is_idle(stats), stats

@@ -1,0 +1,259 @@
+"""EngineCore: one step = schedule -> forward -> sample -> update, in token ids only.
+
+Text never enters the core: detokenizing and stop strings are the client's (output_processor.py), which ends a
+request that hit a stop string with `finish`. What goes in and out is plain data (messages.py), so the same
+core runs in the server's process (a thread) or in a process of its own (core_process.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from nitro_torch.config import Config
+from nitro_torch.engine.block_manager import BlockManager
+from nitro_torch.engine.context_length import check_context_length
+from nitro_torch.engine.messages import CoreOutput, CoreOutputs, EngineCoreRequest, EngineInfo, EngineStats
+from nitro_torch.engine.outputs import FinishReason
+from nitro_torch.engine.request import Request
+from nitro_torch.engine.scheduler import Scheduler
+from nitro_torch.models.loader import LoadedModel, apply_chat_template_file
+from nitro_torch.runner.attention import set_attention_backend
+from nitro_torch.runner.guided import GuidedDecoder, logits_vocab_size
+from nitro_torch.runner.kv_cache import GIB, KVCache, KVLayout, attention_layer_devices
+from nitro_torch.runner.memory import blocks_for_budgets, describe_capacity, gpu_kv_budgets
+from nitro_torch.runner.model_runner import ModelRunner
+from nitro_torch.runner.sampler import Sampler
+from nitro_torch.runner.step_sampling import StepSampler
+
+logger = logging.getLogger("nitro_torch.engine")
+
+
+class EngineCore:
+    def __init__(self, loaded: LoadedModel, config: Config) -> None:
+        self.loaded = loaded
+        self.config = config
+        apply_chat_template_file(loaded.tokenizer, config.chat.chat_template)
+        self.tokenizer = loaded.tokenizer
+        self.model_name = loaded.name
+        self.device = loaded.device
+        set_attention_backend(config.runner.attention_backend)
+        layout = KVLayout.from_model_config(loaded.model.config, config.cache.block_size, loaded.dtype)
+        layer_devices = attention_layer_devices(loaded.model, layout.num_layers) \
+            if config.model.device_map == "auto" else None
+        num_blocks = self._num_kv_blocks(layout, layer_devices or [self.device] * layout.num_layers)
+        self.kv_cache = KVCache(layout, num_blocks, self.device, layer_devices)
+        self.max_model_len = min(loaded.max_model_len, self.kv_cache.capacity_tokens)
+        if self.max_model_len < loaded.max_model_len:
+            logger.warning("context window limited to %d tokens by the KV cache size", self.max_model_len)
+        sched = config.scheduler
+        self.block_manager = BlockManager(num_blocks, layout.block_size, config.cache.prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, sched.max_num_batched_tokens, sched.max_num_seqs)
+        self.sampler = Sampler(self.device)
+        self.guided = GuidedDecoder(self.tokenizer, logits_vocab_size(loaded.model), loaded.eos_token_ids,
+                                    self.device)
+        self.runner = ModelRunner(loaded.model, self.kv_cache, self.device, StepSampler(self.sampler, self.guided))
+        self.requests: dict[str, Request] = {}
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB) = %s", num_blocks, layout.block_size,
+                    num_blocks * layout.bytes_per_block / GIB,
+                    describe_capacity(num_blocks, layout.block_size, self.max_model_len, sched.max_num_seqs))
+        if self._use_decode_graphs():
+            self.runner.enable_decode_graphs(sched.max_num_seqs, self.max_model_len)
+        self.info = self._describe()
+
+    def _use_decode_graphs(self) -> bool:
+        runner = self.config.runner
+        if self.device.type != "cuda" or not runner.cuda_graphs:
+            return False
+        if self.config.model.device_map == "auto":  # a step spans several devices: no single-device capture
+            logger.info("decode CUDA graphs are off with --device-map auto")
+            return False
+        if runner.attention_backend == "torch":  # its decode gathers whole padded block tables: eager only
+            logger.info("decode CUDA graphs are off with attention_backend torch")
+            return False
+        if self.loaded.quantization.startswith("bnb-8bit"):  # LLM.int8's outlier split syncs with the host
+            logger.info("decode CUDA graphs are off for bitsandbytes 8-bit weights")
+            return False
+        return True
+
+    def _num_kv_blocks(self, layout: KVLayout, layer_devices: list[torch.device]) -> int:
+        cache = self.config.cache
+        if cache.num_kv_blocks:
+            return cache.num_kv_blocks
+        if self.device.type == "cuda":
+            sched = self.config.scheduler
+            budgets = gpu_kv_budgets(
+                self.loaded.model, layer_devices, cache.gpu_memory_utilization, sched.max_num_batched_tokens,
+                sched.max_num_seqs, self.loaded.max_model_len, logits_vocab_size(self.loaded.model),
+            )
+            blocks = blocks_for_budgets(layout, budgets, layer_devices)
+        else:
+            blocks = layout.blocks_for_bytes(int(cache.kv_cache_memory * GIB))
+        if blocks < 1:
+            raise RuntimeError("no memory left for the KV cache; lower the model size or raise the budget")
+        return blocks
+
+    def _describe(self) -> EngineInfo:
+        if self.device.type == "cuda":
+            name = f"{self.device} ({torch.cuda.get_device_name(self.device)})"
+            if self.config.model.device_map == "auto":
+                name += " (layers spread with --device-map auto)"
+        else:
+            name = f"cpu ({torch.get_num_threads()} threads)"
+        return EngineInfo(
+            model_name=self.model_name, model_path=self.loaded.source_path, device=str(self.device),
+            device_name=name, dtype=str(self.loaded.dtype).removeprefix("torch."),
+            quantization=self.loaded.quantization, kv_capacity_tokens=self.kv_cache.capacity_tokens,
+            kv_blocks_total=self.kv_cache.num_blocks, kv_block_size=self.kv_cache.layout.block_size,
+            max_num_seqs=self.scheduler.max_num_seqs, max_model_len=self.max_model_len,
+            max_num_batched_tokens=self.config.scheduler.max_num_batched_tokens,
+            embedding_size=self.embedding_size, eos_token_ids=self.loaded.eos_token_ids,
+        )
+
+    # requests -------------------------------------------------------------------------------------
+
+    def add_request(self, core_request: EngineCoreRequest) -> Request:
+        """Queue a request; with a parent (a live request with the same prompt) it shares that prompt's KV."""
+        request_id, params = core_request.request_id, core_request.params
+        prompt = core_request.prompt_token_ids
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request id {request_id}")
+        check_context_length(len(prompt), params.max_tokens, self.max_model_len)
+        if params.guided is not None:
+            self.guided.compile(params.guided)  # an invalid grammar is a SamplingParamsError before anything is queued
+        limit = self.max_model_len
+        if params.max_tokens is not None:
+            limit = min(limit, len(prompt) + params.max_tokens)
+        request = Request(request_id, list(prompt), params, eos_token_ids=self.loaded.eos_token_ids,
+                          max_total_tokens=limit)
+        parent = self.requests.get(core_request.parent_id) if core_request.parent_id is not None else None
+        if parent is not None:
+            if parent.prompt_token_ids != request.prompt_token_ids:
+                raise ValueError(f"request {request_id} has another prompt than its parent {parent.request_id}")
+            request.parent = parent
+        self.scheduler.add(request)
+        self.guided.attach(request)
+        self.requests[request_id] = request
+        return request
+
+    def finish(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> CoreOutput | None:
+        """End a request now (an abort, or a stop string the client found); None if it is not live."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        self.scheduler.finish(request, reason)
+        self._forget(request_id)
+        return self._output(request, [])
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work
+
+    # the step -------------------------------------------------------------------------------------
+
+    def step(self) -> list[CoreOutput]:
+        """One step. A failure that belongs to one request (its sampling, non-finite logits) ends that request
+        alone with an error output; a failed forward raises for the caller."""
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        try:
+            result = self.runner.execute_and_sample(plan)
+        except torch.OutOfMemoryError:
+            if not self._back_off_after_oom():
+                raise
+            return []  # nothing of the step was kept (no request advanced): it runs again, smaller
+        failed = [(self.requests[request_id], error) for request_id, error in result.failed.items()]
+        for request, _ in failed:
+            self.scheduler.finish(request, FinishReason.ABORT)
+        self.scheduler.update(plan, {request_id: token.token_id for request_id, token in result.sampled.items()})
+        outputs = [self._fail(request, error) for request, error in failed]
+        for request_id, token in result.sampled.items():
+            request = self.requests[request_id]
+            ended_on_stop_token = request.finish_reason is FinishReason.STOP
+            if request_id in result.grammar_complete:  # complete structure; a no-op when a stop token ended it
+                self.scheduler.finish(request, FinishReason.STOP)
+            logprobs = [token.logprob] if token.logprob is not None else None
+            outputs.append(self._output(request, [token.token_id], logprobs, ended_on_stop_token))
+            if request.is_finished:
+                self._forget(request_id)
+        return outputs
+
+    def step_outputs(self) -> CoreOutputs:
+        return CoreOutputs(self.step(), self.stats())
+
+    def expire_requests(self, now: float | None = None) -> list[CoreOutput]:
+        """End the requests older than --request-timeout with finish_reason 'length' and what they produced."""
+        timeout = self.config.server.request_timeout
+        if not timeout:
+            return []
+        now = time.monotonic() if now is None else now
+        outputs = []
+        for request_id, request in list(self.requests.items()):
+            if now - request.arrival_time <= timeout:
+                continue
+            self.scheduler.finish(request, FinishReason.LENGTH)
+            outputs.append(self._output(request, []))
+            self._forget(request_id)
+        if outputs:
+            logger.warning("%d requests ended by the %.0f s request timeout", len(outputs), timeout)
+        return outputs
+
+    def _back_off_after_oom(self) -> bool:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if not self.scheduler.back_off():
+            return False
+        logger.warning("out of device memory in a step; retrying with a step budget of %d tokens and %d running "
+                       "requests", self.scheduler.max_num_batched_tokens, len(self.scheduler.running))
+        return True
+
+    def _fail(self, request: Request, error: str) -> CoreOutput:
+        output = self._output(request, [])
+        output.error = error
+        self._forget(request.request_id)
+        return output
+
+    def _forget(self, request_id: str) -> None:
+        self.requests.pop(request_id, None)
+        self.sampler.release(request_id)
+        self.guided.release(request_id)
+
+    @staticmethod
+    def _output(request: Request, token_ids: list[int], logprobs: list | None = None,
+                ended_on_stop_token: bool = False) -> CoreOutput:
+        reason = request.finish_reason if request.is_finished else None
+        return CoreOutput(request.request_id, token_ids, reason, ended_on_stop_token, request.num_cached_tokens,
+                          logprobs, None, request.first_scheduled_time)
+
+    def stats(self) -> EngineStats:
+        bm, sched = self.block_manager, self.scheduler
+        return EngineStats(
+            num_running=len(sched.running), num_waiting=sched.num_waiting, kv_blocks_total=bm.num_blocks,
+            kv_blocks_used=bm.num_used_blocks, prefix_cache_query_tokens=bm.stats.prefix_query_tokens,
+            prefix_cache_hit_tokens=bm.stats.prefix_hit_tokens, num_preemptions=sched.stats.num_preemptions,
+            num_steps=sched.stats.num_steps,
+        )
+
+    # embeddings -----------------------------------------------------------------------------------
+
+    @property
+    def embedding_size(self) -> int:
+        config = self.loaded.model.config
+        return (config.get_text_config() if hasattr(config, "get_text_config") else config).hidden_size
+
+    def embed(self, token_id_lists: list[list[int]]) -> list[list[float]]:
+        """One unit-length vector per input: its mean-pooled final hidden states. No KV cache is read or written,
+        so running requests are untouched; call it between steps."""
+        from nitro_torch.runner.embedder import Embedder
+
+        for ids in token_id_lists:
+            if not ids or len(ids) > self.max_model_len:
+                raise ValueError(f"embedding inputs need 1 to {self.max_model_len} tokens, not {len(ids)}")
+        embedder = getattr(self, "_embedder", None)
+        if embedder is None:
+            embedder = self._embedder = Embedder(self.loaded.model, self.kv_cache, self.device,
+                                                 self.config.scheduler.max_num_batched_tokens)
+        return embedder.embed(token_id_lists).tolist()

@@ -1,0 +1,178 @@
+"""The engine core in a process of its own: a busy loop that takes messages from the client, steps, and sends
+each step's outputs back as one message (MessagePack over a pipe, see messages.py).
+
+Lifecycle: stage the weights -> CoreStaged -> (StartCore) -> device + KV cache -> CoreReady -> loop. A failure in
+a phase is sent as CoreFailed and the process ends. The process ends too when the client closes its end (the
+server went away) or sends Shutdown. SIGINT is ignored: the server decides when the core stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from typing import Any
+
+from nitro_torch.config import Config
+from nitro_torch.engine.messages import (
+    CallResult,
+    CompileGrammar,
+    CoreFailed,
+    CoreOutput,
+    CoreOutputs,
+    CoreReady,
+    CoreStaged,
+    EmbedCall,
+    EngineCoreRequest,
+    FinishRequests,
+    Shutdown,
+    StartCore,
+    decode_input,
+    encode,
+)
+from nitro_torch.engine.outputs import FinishReason
+
+logger = logging.getLogger("nitro_torch.engine")
+
+
+def run_core_process(config: Config, conn: Connection, cpu_threads: int | None) -> None:
+    """The process's entry point (multiprocessing, spawn)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=config.server.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s [engine core]: %(message)s")
+    channel = _Channel(conn)
+    from nitro_torch.engine.core import EngineCore
+    from nitro_torch.engine.loading import place_on_device, stage_weights
+
+    phase = "load"
+    try:
+        loaded = stage_weights(config)
+        channel.send(CoreStaged())
+        if not isinstance(channel.receive(), StartCore):
+            return
+        phase = "start"
+        core = EngineCore(place_on_device(loaded, config, cpu_threads), config)
+        del loaded
+        channel.send(CoreReady(core.info))
+        phase = "run"
+        CoreLoop(core, channel).run()
+    except _CHANNEL_CLOSED as exc:
+        if phase != "run":
+            logger.info("engine core ends: the server closed the channel (%s)", type(exc).__name__)
+    except BaseException as exc:
+        if phase != "load":  # a load failure is the user's to read, in the server's answer
+            logger.exception("engine core failed (%s)", phase)
+        try:
+            channel.send(CoreFailed(phase, str(exc) or type(exc).__name__, [c.__name__ for c in type(exc).__mro__]))
+        except _CHANNEL_CLOSED:
+            pass
+
+
+_CHANNEL_CLOSED = (EOFError, BrokenPipeError, ConnectionResetError)
+"""What reading or writing the pipe raises once the server's end is gone."""
+
+
+class _Channel:
+    """The core's end of the pipe; sends may come from the grammar thread too, so they are serialized."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._send_lock = threading.Lock()
+
+    def send(self, message: Any) -> None:
+        data = encode(message)
+        with self._send_lock:
+            self.conn.send_bytes(data)
+
+    def receive(self) -> Any:
+        return decode_input(self.conn.recv_bytes())
+
+    def ready(self) -> bool:
+        return self.conn.poll(0)
+
+
+class CoreLoop:
+    def __init__(self, core: Any, channel: _Channel) -> None:
+        self.core = core
+        self.channel = channel
+        self.num_received = 0
+        self.pending: list[CoreOutput] = []
+        self.dirty = False
+        """Commands changed the core since the last message (the client's stats are stale)."""
+        self.grammars = ThreadPoolExecutor(1, thread_name_prefix="nitro-grammar")
+        """Grammars compile here, off the loop: a slow schema never stalls the steps."""
+
+    def run(self) -> None:
+        from nitro_torch.engine.client import is_fatal_device_error
+
+        while True:
+            if not self._apply_inputs(block=not self.core.has_unfinished_requests):
+                return
+            outputs, self.pending = self.pending, []
+            if self.core.has_unfinished_requests:
+                outputs.extend(self.core.expire_requests())
+                try:
+                    outputs.extend(self.core.step())
+                except Exception as exc:
+                    if is_fatal_device_error(exc):
+                        raise  # the device is unusable: the process ends and the client fails every request
+                    logger.exception("engine step failed; failing its requests")
+                    outputs.extend(self._fail_running(exc))
+            if outputs or self.dirty:
+                self.dirty = False
+                self.channel.send(CoreOutputs(outputs, self.core.stats(), self.num_received))
+
+    def _apply_inputs(self, block: bool) -> bool:
+        """Apply every waiting message (waiting for one when idle); False on Shutdown."""
+        while block or self.channel.ready():
+            message = self.channel.receive()
+            block = False
+            self.dirty = True
+            if isinstance(message, EngineCoreRequest):
+                self._add(message)
+            elif isinstance(message, FinishRequests):
+                for request_id in message.request_ids:
+                    output = self.core.finish(request_id, message.reason)
+                    if output is not None:
+                        self.pending.append(output)
+            elif isinstance(message, (EmbedCall, CompileGrammar)):
+                self._call(message)
+            elif isinstance(message, Shutdown):
+                self.grammars.shutdown(wait=False, cancel_futures=True)
+                return False
+        return True
+
+    def _add(self, request: EngineCoreRequest) -> None:
+        self.num_received += 1
+        try:
+            self.core.add_request(request)
+        except Exception as exc:
+            self.pending.append(CoreOutput(request.request_id, [], FinishReason.ABORT,
+                                           error=f"{type(exc).__name__}: {exc}"))
+
+    def _call(self, call: EmbedCall | CompileGrammar) -> None:
+        if isinstance(call, CompileGrammar):
+            self.grammars.submit(self._answer, call.call_id, lambda: self.core.guided.compile(call.guided) and None)
+        else:
+            self._answer(call.call_id, lambda: self.core.embed(call.token_id_lists))
+
+    def _answer(self, call_id: int, compute: Any) -> None:
+        try:
+            value = compute()
+        except Exception as exc:
+            logger.warning("engine call failed: %s: %s", type(exc).__name__, exc)
+            self.channel.send(CallResult(call_id, error=str(exc), error_type=type(exc).__name__,
+                                         error_param=getattr(exc, "param", None)))
+            return
+        self.channel.send(CallResult(call_id, value))
+
+    def _fail_running(self, exc: Exception) -> list[CoreOutput]:
+        failed = []
+        for request in list(self.core.scheduler.running):
+            output = self.core.finish(request.request_id)
+            if output is not None:
+                output.error = f"inference failed: {type(exc).__name__}"
+                failed.append(output)
+        return failed
