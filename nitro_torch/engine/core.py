@@ -22,6 +22,7 @@ from nitro_torch.engine.scheduler import Scheduler
 from nitro_torch.models.loader import LoadedModel, apply_chat_template_file
 from nitro_torch.runner.attention import set_attention_backend
 from nitro_torch.runner.guided import GuidedDecoder, logits_vocab_size
+from nitro_torch.runner.host_memory import reuse_large_allocations
 from nitro_torch.runner.kv_cache import GIB, KVCache, KVLayout, attention_layer_devices
 from nitro_torch.runner.memory import blocks_for_budgets, describe_capacity, gpu_kv_budgets
 from nitro_torch.runner.model_runner import ModelRunner
@@ -40,6 +41,7 @@ class EngineCore:
         self.model_name = loaded.name
         self.device = loaded.device
         set_attention_backend(config.runner.attention_backend)
+        reuse_large_allocations()
         layout = KVLayout.from_model_config(loaded.model.config, config.cache.block_size, loaded.dtype)
         layer_devices = attention_layer_devices(loaded.model, layout.num_layers) \
             if config.model.device_map == "auto" else None

@@ -229,3 +229,22 @@ def test_logit_bias_forces_and_bans_tokens_per_row():
     assert token_ids(sampler.sample(logits, requests)) == [7, 1, 0]
     sampled = draw_many(sampler, rounds=1, rows=200, temperature=1.0, logit_bias={0: -100.0, 1: -100.0})
     assert 0 not in sampled and 1 not in sampled and sampled[2] > 0
+
+
+@pytest.mark.parametrize("vocab", [49152, 4096, 50257])
+def test_greedy_pick_is_max_with_its_first_index(vocab: int) -> None:
+    from nitro_torch.runner.sampler import greedy_pick
+
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(9, vocab, generator=generator)
+    logits[1, 5] = logits[1, vocab - 3] = 99.0  # a tie across blocks: the first index wins
+    logits[2, 7] = logits[2, 8] = 99.0  # a tie inside a block
+    logits[3] = float("-inf")
+    logits[4, vocab // 2] = float("nan")
+    logits[5, 11] = float("inf")
+    logits[6] = logits[6].round()  # many ties everywhere
+    expected_max, expected_ids = logits.max(dim=-1)
+    row_max, token_ids = greedy_pick(logits)
+    assert torch.equal(token_ids, expected_ids)
+    assert torch.equal(torch.isfinite(row_max), torch.isfinite(expected_max))
+    assert torch.equal(token_ids, logits.argmax(dim=-1))
