@@ -63,6 +63,7 @@ class SchedulerConfig:
 class RunnerConfig:
     cuda_graphs: bool = field(default=True, metadata={"help": "replay decode steps as captured CUDA graphs (CUDA only; --no-cuda-graphs runs them eagerly)"})
     attention_backend: Literal["auto", "triton", "torch"] = field(default="auto", metadata={"help": "paged-attention kernels: auto = Triton on CUDA, torch elsewhere"})
+    compile_decode: bool = field(default=False, metadata={"help": "torch.compile the fixed-shape decode step, once per padded batch size at start-up (on CUDA its graphs are captured from the compiled code)"})
     engine_core: Literal["process", "thread"] = field(default="process", metadata={"help": "where the engine core (scheduler, model, sampling) runs: its own process, or a thread of the server's (debugging)"})
 
 

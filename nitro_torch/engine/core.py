@@ -62,7 +62,10 @@ class EngineCore:
                     num_blocks * layout.bytes_per_block / GIB,
                     describe_capacity(num_blocks, layout.block_size, self.max_model_len, sched.max_num_seqs))
         if self._use_decode_graphs():
-            self.runner.enable_decode_graphs(sched.max_num_seqs, self.max_model_len)
+            self.runner.enable_decode_graphs(sched.max_num_seqs, self.max_model_len,
+                                             compile=config.runner.compile_decode)
+        elif config.runner.compile_decode:  # the same padded decode path, compiled, without graphs (e.g. on CPU)
+            self.runner.enable_decode_graphs(sched.max_num_seqs, self.max_model_len, capture=False, compile=True)
         self.info = self._describe()
 
     def _use_decode_graphs(self) -> bool:

@@ -65,6 +65,7 @@ class DecodeBuffers:
         self.slot_mapping = torch.full((max_batch,), PADDING_SLOT, dtype=torch.long, device=device)
         self.block_tables = longs(max_batch, max_blocks_per_seq)
         self.context_lens = longs(max_batch)
+        self._metadata: dict[int, AttentionMetadata] = {}
 
     @property
     def max_blocks_per_seq(self) -> int:
@@ -86,13 +87,17 @@ class DecodeBuffers:
         self.context_lens[n:size].zero_()
 
     def metadata(self, kv_cache: KVCache, size: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            kv_cache=kv_cache,
-            slot_mapping=self.slot_mapping[:size],
-            num_decode_tokens=size,
-            decode_block_tables=self.block_tables[:size],
-            decode_context_lens=self.context_lens[:size],
-        )
+        """The same object for every step of a size: a compiled forward guards on it, so it must not change."""
+        metadata = self._metadata.get(size)
+        if metadata is None:
+            metadata = self._metadata[size] = AttentionMetadata(
+                kv_cache=kv_cache,
+                slot_mapping=self.slot_mapping[:size],
+                num_decode_tokens=size,
+                decode_block_tables=self.block_tables[:size],
+                decode_context_lens=self.context_lens[:size],
+            )
+        return metadata
 
 
 class DecodeGraphs:
@@ -111,6 +116,14 @@ class DecodeGraphs:
 
     def can_run(self, num_rows: int, table_width: int) -> bool:
         return padded_size(num_rows, self.sizes) is not None and table_width <= self.buffers.max_blocks_per_seq
+
+    def warm_all(self) -> None:
+        """Run every size once (all rows padding: nothing is stored or read), so a compiled forward compiles here
+        rather than in a user's request."""
+        for size in reversed(self.sizes):
+            self.buffers.fill(DecodeInputs(*(self.buffers.input_ids[:0],) * 3, self.buffers.block_tables[:0],
+                                           self.buffers.context_lens[:0]), size)
+            self._run_eager(size)
 
     def capture_all(self) -> None:
         """Capture every size, largest first so the smaller graphs reuse its pool memory."""

@@ -10,7 +10,7 @@ import torch
 from transformers import PreTrainedModel
 
 from nitro_torch.runner.attention import AttentionMetadata, PrefillChunk, step_context
-from nitro_torch.runner.cuda_graphs import DecodeGraphs, DecodeInputs
+from nitro_torch.runner.cuda_graphs import DecodeGraphs, DecodeInputs, capture_sizes
 from nitro_torch.runner.input_batch import HostBatch, build_host_batch
 from nitro_torch.runner.kv_cache import KVCache
 from nitro_torch.runner.sequence import SequenceState, StepInputs
@@ -31,21 +31,37 @@ class ModelRunner:
         self.staging = InputStaging(device)
         self.graphs: DecodeGraphs | None = None
 
-    def enable_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True) -> None:
-        """Run pure-decode steps through DecodeGraphs (captured on CUDA; `capture=False`: same path, eager)."""
+    def enable_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True,
+                             compile: bool = False) -> None:
+        """Run pure-decode steps through DecodeGraphs (captured on CUDA; `capture=False`: same path, eager).
+
+        `compile`: the decode forward is torch.compile'd (fixed shapes: one compilation per padded batch size, all
+        paid here, at start-up), and on CUDA the graphs are captured from the compiled code (gpt-fast's recipe)."""
         max_blocks = -(-max_model_len // self.block_size)
-        graphs = DecodeGraphs(self._logits_of_all_rows, self.kv_cache, max_num_seqs, max_blocks, self.device,
-                              capture=capture)
-        if capture:
+        forward = self._logits_of_all_rows
+        if compile:
+            sizes = len(capture_sizes(max_num_seqs))
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * sizes + 2)
+            torch._dynamo.config.accumulated_cache_size_limit = max(
+                torch._dynamo.config.accumulated_cache_size_limit, 4 * sizes + 4)
+            forward = torch.compile(forward, dynamic=False)  # type: ignore[assignment]
+        graphs = DecodeGraphs(forward, self.kv_cache, max_num_seqs, max_blocks, self.device, capture=capture)
+        if capture or compile:
             started = time.monotonic()
             try:
                 with torch.inference_mode():
-                    graphs.capture_all()
-            except Exception:  # a model op that cannot be captured: serve eagerly rather than not at all
-                logger.exception("CUDA graph capture failed; decode steps run eagerly")
+                    if capture:
+                        graphs.capture_all()
+                    else:  # twice: the first pass also allocates what the attention keeps between steps
+                        graphs.warm_all()
+                        graphs.warm_all()
+            except Exception:  # a model op that cannot be captured or compiled: serve eagerly rather than not at all
+                logger.exception("decode %s failed; decode steps run eagerly", "graph capture" if capture else
+                                 "compilation")
                 return
-            logger.info("captured decode CUDA graphs for batch sizes %s in %.1f s",
-                        graphs.sizes, time.monotonic() - started)
+            logger.info("%s decode steps for batch sizes %s in %.1f s",
+                        "captured" + (" compiled" if compile else "") if capture else "compiled", graphs.sizes,
+                        time.monotonic() - started)
         self.graphs = graphs
 
     def execute_and_sample(self, plan: StepInputs) -> ModelRunnerOutput:
