@@ -72,26 +72,31 @@ class _Timer:
 
 def tiny_engine(num_seqs: int, tokenizer: Any) -> Any:
     """An LLMEngine over a 1-layer, 64-wide random Llama that uses `tokenizer`."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from nitro_torch.config import build_config
     from nitro_torch.engine.engine import LLMEngine
-    from nitro_torch.models.loader import LoadedModel
-    from nitro_torch.runner.attention import register_paged_attention
 
-    torch.manual_seed(0)
-    model_config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                               tie_word_embeddings=True)
-    model_config._attn_implementation = register_paged_attention()
-    model = AutoModelForCausalLM.from_config(model_config).eval().requires_grad_(False)
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, name="tiny-1x64", source_path="",
-                         device=torch.device("cpu"), dtype=torch.float32, max_model_len=2048,
-                         eos_token_ids=frozenset({tokenizer.eos_token_id}))
     blocks_per_seq = -(-(PROMPT_TOKENS + MAX_TOKENS) // 16) + 1
     config = build_config({"max_num_seqs": num_seqs, "max_num_batched_tokens": max(2048, num_seqs * PROMPT_TOKENS),
                            "num_kv_blocks": num_seqs * blocks_per_seq, "device": "cpu"}, env={})
-    return LLMEngine(loaded, config)
+    return LLMEngine(tiny_loaded_model(tokenizer), config)
+
+
+def tiny_loaded_model(tokenizer: Any, num_layers: int = 1, tied: bool = True, seed: int = 0) -> Any:
+    """A 64-wide random Llama with `tokenizer`'s vocabulary, built in memory on the CPU, as the loader returns one."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from nitro_torch.models.loader import LoadedModel
+    from nitro_torch.runner.attention import register_paged_attention
+
+    torch.manual_seed(seed)
+    model_config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=2048, tie_word_embeddings=tied)
+    model_config._attn_implementation = register_paged_attention()
+    model = AutoModelForCausalLM.from_config(model_config).eval().requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=f"tiny-{num_layers}x64", source_path="",
+                       device=torch.device("cpu"), dtype=torch.float32, max_model_len=2048,
+                       eos_token_ids=frozenset({tokenizer.eos_token_id}))
 
 
 def measure(num_seqs: int, tokenizer: Any, steps: int = TIMED_STEPS) -> HostOverhead:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from nitro_torch.config import Config
-from nitro_torch.engine.client import EngineDeadError, EngineError, RequestStreams, is_fatal_device_error
+from nitro_torch.engine.client import EngineClient, EngineDeadError, EngineError, RequestStreams, is_fatal_device_error
 from nitro_torch.engine.core import EngineCore
 from nitro_torch.engine.messages import CoreOutput, EngineCoreRequest, EngineInfo, EngineStats
 from nitro_torch.engine.outputs import FinishReason, RequestOutput
@@ -246,3 +246,7 @@ class AsyncEngine:
         for request in list(self.core.scheduler.running):
             self.core.finish(request.request_id)
             self.streams.fail(request.request_id, error)
+
+
+def _conforms(client: AsyncEngine) -> EngineClient:
+    return client  # mypy checks that the class is an EngineClient

@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 
 from nitro_torch.config import Config, ConfigError
-from nitro_torch.engine.client import EngineDeadError, EngineError, RequestStreams
+from nitro_torch.engine.client import EngineClient, EngineDeadError, EngineError, RequestStreams
 from nitro_torch.engine.messages import (
     CallResult,
     CompileGrammar,
@@ -306,3 +306,7 @@ def _stop_process(process: BaseProcess) -> None:
     if process.is_alive():
         process.kill()
         process.join(5)
+
+
+def _conforms(client: ProcessEngineClient) -> EngineClient:
+    return client  # mypy checks that the class is an EngineClient

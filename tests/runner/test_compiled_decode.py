@@ -3,13 +3,9 @@ and decode steps really take the compiled path (compiled once per padded batch s
 
 from __future__ import annotations
 
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
-
+from nitro_torch.bench.host_overhead import tiny_loaded_model
 from nitro_torch.config import build_config
 from nitro_torch.engine.engine import LLMEngine
-from nitro_torch.models.loader import LoadedModel
-from nitro_torch.runner.attention import register_paged_attention
 from nitro_torch.sampling import SamplingParams
 
 PROMPTS = [[100 + i * 7 + j * 13 for j in range(5 + 3 * i)] for i in range(3)]
@@ -17,15 +13,7 @@ PROMPTS = [[100 + i * 7 + j * 13 for j in range(5 + 3 * i)] for i in range(3)]
 
 def tiny_engine(tokenizer, compile_decode: bool) -> LLMEngine:  # noqa: ANN001
     """Untied random weights, so greedy decoding wanders over the vocabulary instead of repeating a token."""
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=False)
-    config._attn_implementation = register_paged_attention()
-    model = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, name="tiny-untied", source_path="",
-                         device=torch.device("cpu"), dtype=torch.float32, max_model_len=1024,
-                         eos_token_ids=frozenset({tokenizer.eos_token_id}))
+    loaded = tiny_loaded_model(tokenizer, num_layers=2, tied=False, seed=1)
     options = {"device": "cpu", "num_kv_blocks": 64, "max_num_seqs": 4, "compile_decode": compile_decode}
     return LLMEngine(loaded, build_config(options, env={}))
 
