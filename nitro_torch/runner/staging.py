@@ -7,6 +7,7 @@ non-blocking transfer into a reused device buffer, and handed out as views. Both
 The device buffer is rewritten only by a copy queued behind every kernel of the previous step, so stream order
 protects it. The pinned buffer is not: a step in which no request samples ends without a host sync, so before
 rewriting it we wait for the event recorded after the previous transfer (normally long done: no wait).
+On the CPU the packed tensor is the inputs themselves: one tensor a step, no buffers, no copies.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ class InputStaging:
     def __init__(self, device: torch.device, initial_capacity: int = 1 << 14) -> None:
         self.device = torch.device(device)
         self._pinned = self.device.type == "cuda"
-        self._host = self._new_host(initial_capacity)
-        self._device_buffer = self._host if self.device.type == "cpu" else \
-            torch.empty(initial_capacity, dtype=torch.long, device=self.device)
+        capacity = initial_capacity if self.device.type != "cpu" else 0  # on the CPU each step's tensor is its own
+        self._host = self._new_host(capacity)
+        self._device_buffer = torch.empty(capacity, dtype=torch.long, device=self.device)
         self._copied = torch.cuda.Event() if self._pinned else None
         self._copy_pending = False
 
@@ -46,22 +47,25 @@ class InputStaging:
                 flat.extend(values)  # type: ignore[arg-type]
                 shape = (len(values),)
             layout.append((name, start, shape))
-        if self._copy_pending:
-            self._copied.synchronize()  # type: ignore[union-attr]
-            self._copy_pending = False
-        self._ensure_capacity(len(flat))
         total = len(flat)
-        if total:
-            self._host[:total].copy_(torch.tensor(flat, dtype=torch.long))
-            if self._device_buffer is not self._host:
-                self._device_buffer[:total].copy_(self._host[:total], non_blocking=True)
+        if self.device.type == "cpu":  # the inputs are already where they are used: one tensor, no copies
+            buffer = torch.tensor(flat, dtype=torch.long)
+        else:
+            if self._copy_pending:
+                self._copied.synchronize()  # type: ignore[union-attr]
+                self._copy_pending = False
+            self._ensure_capacity(total)
+            buffer = self._device_buffer
+            if total:
+                self._host[:total].copy_(torch.tensor(flat, dtype=torch.long))
+                buffer[:total].copy_(self._host[:total], non_blocking=True)
                 if self._copied is not None:
                     self._copied.record()
                     self._copy_pending = True
         out = {}
         for name, start, shape in layout:
             count = shape[0] * (shape[1] if len(shape) == 2 else 1)
-            out[name] = self._device_buffer[start:start + count].view(shape)
+            out[name] = buffer[start:start + count].view(shape)
         return out
 
     def _ensure_capacity(self, needed: int) -> None:
@@ -69,5 +73,4 @@ class InputStaging:
             return
         capacity = max(needed, 2 * self._host.numel())
         self._host = self._new_host(capacity)
-        self._device_buffer = self._host if self.device.type == "cpu" else \
-            torch.empty(capacity, dtype=torch.long, device=self.device)
+        self._device_buffer = torch.empty(capacity, dtype=torch.long, device=self.device)

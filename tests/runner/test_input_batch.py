@@ -74,5 +74,5 @@ def test_upload_packs_lists_and_rows_into_views_of_one_buffer() -> None:
     assert out["table"].tolist() == [[7, 8], [9, 10]]
     assert out["empty"].numel() == 0 and out["lens"].tolist() == [5]
     assert out["ids"].untyped_storage().data_ptr() == out["table"].untyped_storage().data_ptr()
-    again = staging.upload({"ids": [4]})  # the buffer is reused
+    again = staging.upload({"ids": [4]})
     assert again["ids"].tolist() == [4]
