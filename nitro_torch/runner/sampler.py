@@ -40,6 +40,7 @@ class Sampler:
         self._shared_generator = torch.Generator(device=self._device)
         self._shared_generator.seed()
         self._seeded_generators: dict[str, torch.Generator] = {}
+        self._columns: SamplingColumns | None = None
 
     def release(self, request_id: str) -> None:
         self._seeded_generators.pop(request_id, None)
@@ -65,9 +66,9 @@ class Sampler:
             grammar.apply(scores)
         token_ids = scores.argmax(dim=-1)
         if not all(r.params.greedy for r in requests):
-            drawn = self._draw(filter_for_sampling(scores, requests), requests)
-            is_greedy = torch.tensor([r.params.greedy for r in requests], device=scores.device)
-            token_ids = torch.where(is_greedy, token_ids, drawn)
+            columns = self._columns_for(requests, scores.shape[1], scores.device)
+            drawn = self._draw(filter_for_sampling(scores, requests, columns), requests)
+            token_ids = torch.where(columns.is_greedy, token_ids, drawn)
 
         top_n = max((r.params.logprobs for r in requests if r.params.logprobs is not None), default=None)
         if top_n is None:
@@ -88,6 +89,15 @@ class Sampler:
             if request.params.seed is not None:
                 noise[row].exponential_(generator=self._generator_for(request))
         return (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+
+    def _columns_for(self, requests: Sequence[SequenceState], vocab_size: int,
+                     device: torch.device) -> SamplingColumns:
+        """The last batch's columns while the batch is the same requests in the same order."""
+        columns = self._columns
+        if (columns is None or len(columns.request_ids) != len(requests) or columns.top_k.device != device
+                or any(known != r.request_id for known, r in zip(columns.request_ids, requests))):
+            columns = self._columns = SamplingColumns.of(requests, vocab_size, device)
+        return columns
 
     def _generator_for(self, request: SequenceState) -> torch.Generator:
         generator = self._seeded_generators.get(request.request_id)
@@ -184,28 +194,57 @@ def mask_stops_before_min_tokens(scores: torch.Tensor, requests: Sequence[Sequen
         scores.index_put_(index, torch.tensor(float("-inf"), device=scores.device))
 
 
-def filter_for_sampling(scores: torch.Tensor, requests: Sequence[SequenceState]) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p; filtered tokens get -inf. Greedy rows pass through."""
-    params = [r.params for r in requests]
-    device = scores.device
-    scores = scores / _column([1.0 if p.greedy else p.temperature for p in params], device)
+@dataclass(frozen=True)
+class SamplingColumns:
+    """A batch's sampling parameters as [rows, 1] device tensors. The sampler keeps the last batch's and builds
+    them again only when requests joined or left, not from lists every step."""
 
-    if any(p.top_k > 0 or p.top_p < 1.0 for p in params if not p.greedy):
-        vocab_size = scores.shape[1]
+    request_ids: tuple[str, ...]
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    """A row without top-k has the vocabulary size."""
+    top_p: torch.Tensor
+    log_min_p: torch.Tensor
+    is_greedy: torch.Tensor
+    """[rows] bool."""
+    any_top_k_or_p: bool
+    any_min_p: bool
+
+    @classmethod
+    def of(cls, requests: Sequence[SequenceState], vocab_size: int, device: torch.device) -> SamplingColumns:
+        params = [r.params for r in requests]
+        sampled = [p for p in params if not p.greedy]
+        return cls(
+            request_ids=tuple(r.request_id for r in requests),
+            temperature=_column([1.0 if p.greedy else p.temperature for p in params], device),
+            top_k=_column([p.top_k if p.top_k > 0 else vocab_size for p in params], device),
+            top_p=_column([p.top_p if p.top_p < 1.0 else _TOP_P_DISABLED for p in params], device),
+            log_min_p=_column([p.min_p for p in params], device).log(),
+            is_greedy=torch.tensor([p.greedy for p in params], device=device),
+            any_top_k_or_p=any(p.top_k > 0 or p.top_p < 1.0 for p in sampled),
+            any_min_p=any(p.min_p > 0.0 for p in sampled),
+        )
+
+
+def filter_for_sampling(scores: torch.Tensor, requests: Sequence[SequenceState],
+                        columns: SamplingColumns | None = None) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p; filtered tokens get -inf. Greedy rows pass through."""
+    vocab_size = scores.shape[1]
+    columns = columns or SamplingColumns.of(requests, vocab_size, scores.device)
+    scores = scores / columns.temperature
+
+    if columns.any_top_k_or_p:
         sorted_scores, order = scores.sort(dim=-1, descending=True)
-        top_k = _column([p.top_k if p.top_k > 0 else vocab_size for p in params], device)
-        ranks = torch.arange(vocab_size, device=device)
-        sorted_scores.masked_fill_(ranks >= top_k, float("-inf"))
-        top_p = _column([p.top_p if p.top_p < 1.0 else _TOP_P_DISABLED for p in params], device)
+        ranks = torch.arange(vocab_size, device=scores.device)
+        sorted_scores.masked_fill_(ranks >= columns.top_k, float("-inf"))
         probs = sorted_scores.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
-        sorted_scores.masked_fill_(mass_before >= top_p, float("-inf"))
+        sorted_scores.masked_fill_(mass_before >= columns.top_p, float("-inf"))
         scores = torch.empty_like(scores).scatter_(1, order, sorted_scores)
 
-    if any(p.min_p > 0.0 for p in params if not p.greedy):
+    if columns.any_min_p:
         # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p); the max token always survives.
-        log_min_p = _column([p.min_p for p in params], device).log()
-        threshold = scores.max(dim=-1, keepdim=True).values + log_min_p
+        threshold = scores.max(dim=-1, keepdim=True).values + columns.log_min_p
         scores = scores.masked_fill(scores < threshold, float("-inf"))
     return scores
 

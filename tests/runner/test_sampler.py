@@ -248,3 +248,20 @@ def test_greedy_pick_is_max_with_its_first_index(vocab: int) -> None:
     assert torch.equal(token_ids, expected_ids)
     assert torch.equal(torch.isfinite(row_max), torch.isfinite(expected_max))
     assert torch.equal(token_ids, logits.argmax(dim=-1))
+
+
+def test_sampling_columns_are_kept_while_the_batch_is_the_same() -> None:
+    sampler = Sampler(torch.device("cpu"))
+    hot = Request("hot", [1], SamplingParams(temperature=0.7, top_p=0.9, seed=3))
+    cool = Request("cool", [1], SamplingParams(temperature=0.2, top_k=5, min_p=0.1, seed=4))
+    logits = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+    first = sampler.sample(logits, [hot, cool])
+    columns = sampler._columns
+    assert columns is not None and columns.request_ids == ("hot", "cool")
+    assert columns.temperature[:, 0].tolist() == pytest.approx([0.7, 0.2])
+    assert columns.top_k[:, 0].tolist() == [64, 5] and columns.any_top_k_or_p and columns.any_min_p
+    sampler.sample(logits, [hot, cool])
+    assert sampler._columns is columns  # the same requests: nothing rebuilt
+    sampler.sample(logits[:1], [cool])
+    assert sampler._columns is not columns and sampler._columns.request_ids == ("cool",)
+    assert all(0 <= token.token_id < 64 for token in first)
