@@ -73,7 +73,8 @@ class MetricsSnapshot:
 
 
 class RequestMetrics:
-    """Accumulates finished requests; `observe` runs on the engine thread, `snapshot` on any other."""
+    """Accumulates finished requests; `observe` runs on the event loop (the output processor), `snapshot` on any
+    thread."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

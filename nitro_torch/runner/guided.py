@@ -168,7 +168,8 @@ class GuidedDecoder:
         self._batch: xgr.BatchGrammarMatcher | None = None
         self._host = torch.empty(0, dtype=torch.int32)
         self._lock = threading.Lock()
-        """compile() also runs on HTTP worker threads, so a slow schema never stalls the engine thread."""
+        """compile() also runs on worker threads (the core process's grammar thread), so a slow schema never stalls
+        the core's steps."""
 
     @property
     def active(self) -> bool:

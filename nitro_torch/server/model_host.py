@@ -1,8 +1,9 @@
 """ModelHost: owns the serving EngineClient (or none) and swaps it while the server stays up.
 
 A switch keeps the previous model serving as long as it can:
-  1. LOADING    the new weights load in a worker thread (onto the CPU when the target is a GPU, so the old
-                engine keeps its GPU memory); the old engine still serves. A failure here changes nothing.
+  1. LOADING    the new engine is staged (`stage_engine`: a new core process loads the weights, onto the CPU
+                when the target is a GPU, so the old engine keeps its GPU memory); the old engine still serves.
+                A failure here changes nothing.
   2. SWITCHING  new requests get 503 `model_switching` (+ Retry-After); the old engine drains (every lease
                 released, no live engine request) and is shut down, its memory freed.
   3.            the new weights move to the device, the engine (KV cache) is built and warmed up. If that
