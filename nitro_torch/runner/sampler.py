@@ -7,6 +7,7 @@ describe the raw model logits.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -52,9 +53,12 @@ class Sampler:
             raise ValueError(f"{logits.shape[0]} logit rows for {len(requests)} requests")
         if all(_is_plain_greedy(r) for r in requests):
             row_max, token_ids = greedy_pick(logits)
-            finite = torch.isfinite(row_max)  # False for NaN (max propagates it), +inf, or all -inf
             if grammar is not None:
                 token_ids = grammar.greedy(logits, token_ids)
+            if logits.device.type == "cpu":  # no transfer to save: flag broken rows here, without two more ops
+                return [SampledToken(t if math.isfinite(m) else INVALID_TOKEN, None)
+                        for t, m in zip(token_ids.tolist(), row_max.tolist())]
+            finite = torch.isfinite(row_max)  # False for NaN (max propagates it), +inf, or all -inf
             return [SampledToken(t, None) for t in _flag_invalid(token_ids, finite).tolist()]
 
         finite = torch.isfinite(logits.amax(dim=-1))
