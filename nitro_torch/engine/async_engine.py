@@ -16,7 +16,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from nitro_torch.config import Config
-from nitro_torch.engine.client import EngineClient, EngineDeadError, EngineError, RequestStreams, is_fatal_device_error
+from nitro_torch.engine.client import (
+    EngineClient,
+    EngineDeadError,
+    EngineError,
+    RequestStreams,
+    is_fatal_device_error,
+    settle_soon,
+)
 from nitro_torch.engine.core import EngineCore
 from nitro_torch.engine.messages import CoreOutput, EngineCoreRequest, EngineInfo, EngineStats
 from nitro_torch.engine.outputs import FinishReason, RequestOutput
@@ -67,18 +74,7 @@ class _Embed:
     future: asyncio.Future[list[list[float]]]
 
     def resolve(self, result: list[list[float]] | BaseException) -> None:
-        def settle() -> None:
-            if self.future.done():  # the caller went away
-                return
-            if isinstance(result, BaseException):
-                self.future.set_exception(result)
-            else:
-                self.future.set_result(result)
-
-        try:
-            self.loop.call_soon_threadsafe(settle)
-        except RuntimeError:
-            pass  # the event loop is closed: nobody is listening any more
+        settle_soon(self.loop, self.future, result)
 
 
 class AsyncEngine:
@@ -92,8 +88,6 @@ class AsyncEngine:
         self.streams = RequestStreams(core.tokenizer)
         self.request_metrics = self.streams.processor.request_metrics
         self._commands: queue.SimpleQueue[_Add | _Finish | _Embed | None] = queue.SimpleQueue()
-        self._num_sent = 0
-        """Requests handed to the core thread (written on the event loop only)."""
         self._num_received = 0
         """Requests the core thread has taken in (written by it only)."""
         self._dead: BaseException | None = None
@@ -111,7 +105,6 @@ class AsyncEngine:
             raise EngineDeadError("the engine has stopped") from self._dead
         request = EngineCoreRequest(request_id, list(prompt_token_ids), params, parent_id)
         stream = self.streams.open(request)
-        self._num_sent += 1
         self._commands.put(_Add(request))
         async for output in self.streams.follow(stream, self.abort):
             yield output
@@ -144,7 +137,7 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         """The core's counters; requests on their way to the core count as waiting."""
         stats = self.core.stats()
-        stats.num_waiting += max(0, self._num_sent - self._num_received)
+        stats.num_waiting += self.streams.num_on_the_way(self._num_received)
         return stats
 
     @property
@@ -227,8 +220,7 @@ class AsyncEngine:
             if is_fatal_device_error(exc):
                 raise  # the device is unusable: the loop ends, /health turns 503 and every request gets an error
             logger.exception("engine step failed; failing its requests")
-            self._deliver(expired)
-            self._fail_running(exc)
+            self._deliver(expired + self.core.fail_running(exc))
             return
         self._deliver(expired + outputs if expired else outputs)
 
@@ -240,12 +232,6 @@ class AsyncEngine:
         """On the event loop: requests that hit a stop string end in the core too."""
         for request_id in request_ids:
             self._commands.put(_Finish(request_id, FinishReason.STOP))
-
-    def _fail_running(self, exc: Exception) -> None:
-        error = EngineError(f"inference failed: {type(exc).__name__}")
-        for request in list(self.core.scheduler.running):
-            self.core.finish(request.request_id)
-            self.streams.fail(request.request_id, error)
 
 
 def _conforms(client: AsyncEngine) -> EngineClient:

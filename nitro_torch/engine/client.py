@@ -128,6 +128,8 @@ class RequestStreams:
     def __init__(self, tokenizer: Any) -> None:
         self.processor = OutputProcessor(tokenizer)
         self._streams: dict[str, RequestStream] = {}
+        self._num_opened = 0
+        """Requests ever opened (written on the event loop only)."""
 
     @property
     def num_live(self) -> int:
@@ -139,7 +141,12 @@ class RequestStreams:
         stream = RequestStream(request.request_id, asyncio.get_running_loop())
         self._streams[request.request_id] = stream
         self.processor.add(request)
+        self._num_opened += 1
         return stream
+
+    def num_on_the_way(self, num_received_by_core: int) -> int:
+        """Requests opened here that the core has not taken in yet: they count as waiting."""
+        return max(0, self._num_opened - num_received_by_core)
 
     async def follow(self, stream: RequestStream, abort: Callable[[str], None]) -> AsyncIterator[RequestOutput]:
         finished = False
@@ -205,6 +212,19 @@ class RequestStreams:
     def fail_all(self, error: BaseException) -> None:
         for request_id, stream in list(self._streams.items()):
             _call_soon(stream.loop, self._fail_now, request_id, error)
+
+
+def settle_soon(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], value: Any) -> None:
+    """From any thread: resolve `future` on its loop with `value` (an exception is raised in the caller)."""
+    def settle() -> None:
+        if future.done():  # the caller went away
+            return
+        if isinstance(value, BaseException):
+            future.set_exception(value)
+        else:
+            future.set_result(value)
+
+    _call_soon(loop, settle)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:

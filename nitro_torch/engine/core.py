@@ -15,7 +15,7 @@ import torch
 from nitro_torch.config import Config
 from nitro_torch.engine.block_manager import BlockManager
 from nitro_torch.engine.context_length import check_context_length
-from nitro_torch.engine.messages import CoreOutput, CoreOutputs, EngineCoreRequest, EngineInfo, EngineStats
+from nitro_torch.engine.messages import CoreOutput, EngineCoreRequest, EngineInfo, EngineStats
 from nitro_torch.engine.outputs import FinishReason
 from nitro_torch.engine.request import Request
 from nitro_torch.engine.scheduler import Scheduler
@@ -186,9 +186,6 @@ class EngineCore:
                 self._forget(request_id)
         return outputs
 
-    def step_outputs(self) -> CoreOutputs:
-        return CoreOutputs(self.step(), self.stats())
-
     def expire_requests(self, now: float | None = None) -> list[CoreOutput]:
         """End the requests older than --request-timeout with finish_reason 'length' and what they produced."""
         timeout = self.config.server.request_timeout
@@ -214,6 +211,13 @@ class EngineCore:
         logger.warning("out of device memory in a step; retrying with a step budget of %d tokens and %d running "
                        "requests", self.scheduler.max_num_batched_tokens, len(self.scheduler.running))
         return True
+
+    def fail_running(self, exc: Exception) -> list[CoreOutput]:
+        """A step failed as a whole (not a device error): every running request ends with an error output."""
+        failed = list(self.scheduler.running)
+        for request in failed:
+            self.scheduler.finish(request, FinishReason.ABORT)
+        return [self._fail(request, type(exc).__name__) for request in failed]
 
     def _fail(self, request: Request, error: str) -> CoreOutput:
         output = self._output(request, [])

@@ -119,7 +119,7 @@ class CoreLoop:
                     if is_fatal_device_error(exc):
                         raise  # the device is unusable: the process ends and the client fails every request
                     logger.exception("engine step failed; failing its requests")
-                    outputs.extend(self._fail_running(exc))
+                    outputs.extend(self.core.fail_running(exc))
             if outputs or self.dirty:
                 self.dirty = False
                 self.channel.send(CoreOutputs(outputs, self.core.stats(), self.num_received))
@@ -167,12 +167,3 @@ class CoreLoop:
                                          error_param=getattr(exc, "param", None)))
             return
         self.channel.send(CallResult(call_id, value))
-
-    def _fail_running(self, exc: Exception) -> list[CoreOutput]:
-        failed = []
-        for request in list(self.core.scheduler.running):
-            output = self.core.finish(request.request_id)
-            if output is not None:
-                output.error = f"inference failed: {type(exc).__name__}"
-                failed.append(output)
-        return failed

@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 
 from nitro_torch.config import Config, ConfigError
-from nitro_torch.engine.client import EngineClient, EngineDeadError, EngineError, RequestStreams
+from nitro_torch.engine.client import EngineClient, EngineDeadError, EngineError, RequestStreams, settle_soon
 from nitro_torch.engine.messages import (
     CallResult,
     CompileGrammar,
@@ -135,7 +135,6 @@ class ProcessEngineClient:
         self._conn = conn
         self._send_lock = threading.Lock()
         self._stats = EngineStats(kv_blocks_total=info.kv_blocks_total)
-        self._num_sent = 0
         self._num_received = 0
         self._call_ids = itertools.count()
         self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
@@ -155,7 +154,6 @@ class ProcessEngineClient:
         self._check_alive()
         request = EngineCoreRequest(request_id, list(prompt_token_ids), params, parent_id)
         stream = self.streams.open(request)
-        self._num_sent += 1
         self._send(request)
         async for output in self.streams.follow(stream, self.abort):
             yield output
@@ -180,7 +178,7 @@ class ProcessEngineClient:
     def stats(self) -> EngineStats:
         """The core's counters as of its last message; requests on their way to it count as waiting."""
         stats = msgspec.structs.replace(self._stats)
-        stats.num_waiting += max(0, self._num_sent - self._num_received)
+        stats.num_waiting += self.streams.num_on_the_way(self._num_received)
         return stats
 
     @property
@@ -266,35 +264,20 @@ class ProcessEngineClient:
             return
         loop, future = entry
         if result.error_type is None:
-            _settle(loop, future, result.value)
+            settle_soon(loop, future, result.value)
         elif result.error_type == "SamplingParamsError":
-            _settle(loop, future, SamplingParamsError(result.error_param or "", result.error or ""))
+            settle_soon(loop, future, SamplingParamsError(result.error_param or "", result.error or ""))
         elif result.error_type == "ValueError":
-            _settle(loop, future, ValueError(result.error))
+            settle_soon(loop, future, ValueError(result.error))
         else:
-            _settle(loop, future, EngineError(f"{result.error_type}: {result.error}"))
+            settle_soon(loop, future, EngineError(f"{result.error_type}: {result.error}"))
 
     def _fail_everything(self, error: EngineError) -> None:
         self.streams.fail_all(error)
         for call_id in list(self._calls):
             entry = self._calls.pop(call_id, None)
             if entry is not None:
-                _settle(entry[0], entry[1], error)
-
-
-def _settle(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], value: Any) -> None:
-    def settle() -> None:
-        if future.done():  # the caller went away
-            return
-        if isinstance(value, BaseException):
-            future.set_exception(value)
-        else:
-            future.set_result(value)
-
-    try:
-        loop.call_soon_threadsafe(settle)
-    except RuntimeError:
-        pass  # the event loop is closed: nobody is listening any more
+                settle_soon(entry[0], entry[1], error)
 
 
 def _stop_process(process: BaseProcess) -> None:

@@ -55,6 +55,18 @@ def real_engine(engine_config) -> Iterator[EngineClient]:
         engine.shutdown()
 
 
+@pytest.fixture
+def own_engine() -> Iterator[EngineClient]:
+    """A private engine (the served default, a small KV cache), for tests that stop or kill it."""
+    from nitro_torch.engine.client import start_engine_client
+
+    engine = start_engine_client(build_config({**ENGINE_OPTIONS, "kv_cache_memory": 0.1}, env={}))
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
+
+
 @pytest.fixture(scope="session")
 def thread_engine(engine_config) -> Iterator[EngineClient]:
     """The default model with its core in a thread of this process (`--engine-core thread`): for the tests that

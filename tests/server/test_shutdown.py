@@ -1,25 +1,14 @@
 """EngineClient.shutdown() while a request streams: the request ends with EngineError instead of hanging."""
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 
 from nitro_torch.config import build_config
-from nitro_torch.engine.client import EngineClient, EngineError, start_engine_client
+from nitro_torch.engine.client import EngineError
 from nitro_torch.sampling import SamplingParams
 
 from .helpers import ENGINE_OPTIONS, HELLO, template_ids
-
-
-@pytest.fixture
-def own_engine() -> Iterator[EngineClient]:
-    """A private engine (small KV cache), so shutting it down leaves the session's engine alone."""
-    engine = start_engine_client(build_config({**ENGINE_OPTIONS, "kv_cache_memory": 0.1}, env={}))
-    try:
-        yield engine
-    finally:
-        engine.shutdown()
 
 
 def test_shutdown_fails_a_streaming_request(own_engine, tokenizer):
