@@ -165,7 +165,7 @@ class EngineCore:
         if plan.is_empty:
             return []
         try:
-            result = self.runner.execute_and_sample(plan)
+            result = self.runner.execute_and_sample(plan.for_runner)
         except torch.OutOfMemoryError:
             if not self._back_off_after_oom():
                 raise

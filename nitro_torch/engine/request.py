@@ -40,6 +40,8 @@ class Request:
     num_preemptions: int = 0
     parent: Request | None = None
     """Another request with the same prompt (choice 0 of n) whose computed prompt this one shares."""
+    num_blocks_in_runner: int | None = None
+    """How many of its blocks the runner knows; None while the runner does not hold the request."""
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

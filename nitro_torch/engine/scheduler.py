@@ -5,6 +5,9 @@ order; a prompt longer than the remaining budget is prefilled in chunks over sev
 pool runs dry the most recently admitted running request is preempted: its blocks are freed and it goes
 back to the front of the queue to be recomputed (its cached full blocks usually make that cheap).
 
+What the runner gets is plain data (`StepPlan.for_runner`, a SchedulerOutput): a request in full the first time
+it is scheduled (again after a preemption), then only the blocks it gained; requests that left, once.
+
 Choices 2..n of one prompt are forks: they wait until choice 1 (their parent) has computed the prompt,
 then share its KV blocks and compute only the last prompt token themselves, so the prompt is prefilled once.
 """
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from nitro_torch.engine.block_manager import BlockManager
 from nitro_torch.engine.outputs import FinishReason
 from nitro_torch.engine.request import Request, RequestStatus
+from nitro_torch.runner.scheduler_output import NewRequest, SchedulerOutput
 
 
 @dataclass
@@ -38,6 +42,8 @@ class StepPlan:
     preempted: list[Request] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     """KV blocks to copy (source, destination) before the forward."""
+    for_runner: SchedulerOutput = field(default_factory=SchedulerOutput)
+    """The step as the runner gets it: data only."""
 
     @property
     def num_tokens(self) -> int:
@@ -64,6 +70,8 @@ class Scheduler:
         self.forks_waiting: dict[str, list[Request]] = {}
         """Parent request id -> forks that wait for the parent's prompt to be computed."""
         self.stats = SchedulerStats()
+        self._left_runner: list[str] = []
+        """Requests the runner holds that ended or were preempted since the last step: it drops them."""
 
     def add(self, request: Request) -> None:
         if self.block_manager.blocks_needed(request.max_total_tokens) > self.block_manager.num_blocks:
@@ -129,8 +137,31 @@ class Scheduler:
         if not plan.preempted:
             budget = self._admit_waiting(plan, budget)
         plan.block_copies, self.block_manager.pending_copies = self.block_manager.pending_copies, []
+        plan.for_runner = self._runner_view(plan)
         self.stats.num_steps += 1
         return plan
+
+    def _runner_view(self, plan: StepPlan) -> SchedulerOutput:
+        step = SchedulerOutput(finished_request_ids=self._left_runner, block_copies=plan.block_copies)
+        self._left_runner = []
+        counts = step.num_scheduled_tokens
+        for item in plan.scheduled:
+            request = item.request
+            counts[request.request_id] = item.num_tokens
+            known, num_blocks = request.num_blocks_in_runner, len(request.block_ids)
+            if known is None:
+                step.new_requests.append(NewRequest(
+                    request.request_id, request.all_token_ids, request.num_prompt_tokens, request.params,
+                    request.eos_token_ids, list(request.block_ids), request.num_computed_tokens))
+            elif num_blocks > known:
+                step.new_block_ids[request.request_id] = request.block_ids[known:]
+            request.num_blocks_in_runner = num_blocks
+        return step
+
+    def _leave_runner(self, request: Request) -> None:
+        if request.num_blocks_in_runner is not None:
+            self._left_runner.append(request.request_id)
+            request.num_blocks_in_runner = None
 
     def _make_room(self, request: Request, num_new: int, plan: StepPlan) -> bool:
         """Allocate blocks for `request`, preempting newer requests if needed; False if it was preempted itself."""
@@ -176,6 +207,7 @@ class Scheduler:
     def _preempt(self, request: Request, plan: StepPlan) -> None:
         self.running.remove(request)
         self.block_manager.free(request)
+        self._leave_runner(request)
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.stats.num_preemptions += 1
@@ -221,6 +253,7 @@ class Scheduler:
         if request.request_id in self.forks_waiting:
             self._release_forks(request)
         self.block_manager.free(request)
+        self._leave_runner(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
 

@@ -1,4 +1,5 @@
-"""A StepInputs flattened into the integer lists one packed forward needs. Plain Python: no tensors here.
+"""A step (SchedulerOutput + the runner's request states) flattened into the integer lists one packed forward
+needs. Plain Python: no tensors here.
 
 Decodes (one token) come first, then the prefill chunks, so the attention sees one contiguous decode block
 [0, num_decodes) and the chunks after it. Block tables are padded with block 0 to the widest row; the kernels
@@ -7,9 +8,11 @@ never read past a row's context length.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from nitro_torch.runner.sequence import ScheduledChunk, SequenceState, StepInputs
+from nitro_torch.runner.scheduler_output import SchedulerOutput
+from nitro_torch.runner.sequence import RequestState
 
 PADDING_SLOT = -1
 """Slot of a padding token (CUDA-graph batches): the KV store skips it."""
@@ -22,7 +25,7 @@ class HostBatch:
     slots: list[int] = field(default_factory=list)
     logits_rows: list[int] = field(default_factory=list)
     """Packed row of each sampling request's last token, in `sampling` order."""
-    sampling: list[SequenceState] = field(default_factory=list)
+    sampling: list[RequestState] = field(default_factory=list)
     num_decodes: int = 0
     decode_tables: list[list[int]] = field(default_factory=list)
     decode_context_lens: list[int] = field(default_factory=list)
@@ -50,39 +53,45 @@ class HostBatch:
         return cumulative
 
 
-def build_host_batch(plan: StepInputs, block_size: int) -> HostBatch:
+def build_host_batch(step: SchedulerOutput, states: Mapping[str, RequestState], block_size: int) -> HostBatch:
+    """Each scheduled request computes `count` tokens from its computed count on; it samples when they reach its
+    last known token."""
     batch = HostBatch()
-    decodes = [s for s in plan.scheduled if s.num_tokens == 1]
-    prefills = [s for s in plan.scheduled if s.num_tokens > 1]
-    for item in decodes:
-        request, pos = item.request, item.start_position
-        batch.token_ids.append(request.token_at(pos))
-        batch.positions.append(pos)
-        batch.slots.append(slot_of(request.block_ids, pos, block_size))
-        batch.decode_tables.append(request.block_ids)
-        batch.decode_context_lens.append(pos + 1)
-        if item.samples:
+    prefills: list[tuple[RequestState, int]] = []
+    token_ids, positions, slots, tables, context_lens = (batch.token_ids, batch.positions, batch.slots,
+                                                         batch.decode_tables, batch.decode_context_lens)
+    for request_id, count in step.num_scheduled_tokens.items():
+        state = states[request_id]
+        if count != 1:
+            prefills.append((state, count))
+            continue
+        pos, blocks = state.num_computed_tokens, state.block_ids
+        token_ids.append(state.token_ids[pos])
+        positions.append(pos)
+        slots.append(blocks[pos // block_size] * block_size + pos % block_size)
+        tables.append(blocks)
+        context_lens.append(pos + 1)
+        if pos + 1 == len(state.token_ids):
+            batch.logits_rows.append(len(token_ids) - 1)
+            batch.sampling.append(state)
+    batch.num_decodes = len(token_ids)
+    for state, count in prefills:
+        _add_prefill(batch, state, count, block_size)
+        if state.num_computed_tokens + count == len(state.token_ids):
             batch.logits_rows.append(len(batch.token_ids) - 1)
-            batch.sampling.append(request)
-    batch.num_decodes = len(decodes)
-    for item in prefills:
-        _add_prefill(batch, item, block_size)
-        if item.samples:
-            batch.logits_rows.append(len(batch.token_ids) - 1)
-            batch.sampling.append(item.request)
+            batch.sampling.append(state)
     batch.decode_tables = pad_rows(batch.decode_tables)
     batch.prefill_tables = pad_rows(batch.prefill_tables)
     return batch
 
 
-def _add_prefill(batch: HostBatch, item: ScheduledChunk, block_size: int) -> None:
-    request, start, count = item.request, item.start_position, item.num_tokens
-    blocks = request.block_ids
+def _add_prefill(batch: HostBatch, state: RequestState, count: int, block_size: int) -> None:
+    start, blocks = state.num_computed_tokens, state.block_ids
     batch.prefill_query_starts.append(len(batch.token_ids))
     batch.prefill_query_lens.append(count)
     batch.prefill_context_lens.append(start + count)
     batch.prefill_tables.append(blocks[: -(-(start + count) // block_size)])
-    batch.token_ids.extend(request.all_token_ids[start:start + count])
+    batch.token_ids.extend(state.token_ids[start:start + count])
     for pos in range(start, start + count):
         batch.positions.append(pos)
         batch.slots.append(slot_of(blocks, pos, block_size))

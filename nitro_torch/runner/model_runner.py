@@ -1,5 +1,9 @@
-"""StepInputs -> packed tensors -> one HF forward (or a decode-graph replay) -> logits of the requests that sample
--> their sampled tokens (`execute_and_sample`)."""
+"""A step as plain data (SchedulerOutput) -> the runner's request states -> packed tensors -> one HF forward (or a
+decode-graph replay) -> logits of the requests that sample -> their sampled tokens (`execute_and_sample`).
+
+The runner keeps its own state of each request it runs (`requests`): the scheduler sends a request in full once,
+then only its new blocks; the runner appends the tokens it samples itself.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ from nitro_torch.runner.attention import AttentionMetadata, PrefillChunk, step_c
 from nitro_torch.runner.cuda_graphs import DecodeGraphs, DecodeInputs, capture_sizes
 from nitro_torch.runner.input_batch import HostBatch, build_host_batch
 from nitro_torch.runner.kv_cache import KVCache
-from nitro_torch.runner.sequence import SequenceState, StepInputs
+from nitro_torch.runner.scheduler_output import SchedulerOutput
+from nitro_torch.runner.sequence import RequestState, RequestStates
 from nitro_torch.runner.staging import InputStaging
 from nitro_torch.runner.step_sampling import ModelRunnerOutput, StepSampler
 
@@ -30,6 +35,7 @@ class ModelRunner:
         self.block_size = kv_cache.layout.block_size
         self.staging = InputStaging(device)
         self.graphs: DecodeGraphs | None = None
+        self.requests = RequestStates()
 
     def enable_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True,
                              compile: bool = False) -> None:
@@ -64,18 +70,24 @@ class ModelRunner:
                         time.monotonic() - started)
         self.graphs = graphs
 
-    def execute_and_sample(self, plan: StepInputs) -> ModelRunnerOutput:
-        """The step's forward, then its sampling: what each sampling request drew, by request id."""
+    def execute_and_sample(self, step: SchedulerOutput) -> ModelRunnerOutput:
+        """Apply the step's changes, run its forward, sample, and advance the states by what was computed and
+        sampled: what each sampling request drew, by request id. A forward that raises leaves the states as the
+        scheduler sees them (applied, not advanced), so the step can be planned again."""
         assert self.sampling is not None, "a runner that samples needs a StepSampler"
-        logits, rows = self.execute(plan)
+        self.requests.apply(step)
+        logits, rows = self.execute(step)
         with torch.inference_mode():
-            return self.sampling.sample(logits, rows)
+            output = self.sampling.sample(logits, rows)
+        self.requests.record(step, {request_id: token.token_id for request_id, token in output.sampled.items()})
+        return output
 
     @torch.inference_mode()
-    def execute(self, plan: StepInputs) -> tuple[torch.Tensor | None, list[SequenceState]]:
-        """Run the step; return logits [R, V] of the requests that sample, in the returned order."""
-        self.kv_cache.copy_blocks(plan.block_copies)
-        batch = build_host_batch(plan, self.block_size)
+    def execute(self, step: SchedulerOutput) -> tuple[torch.Tensor | None, list[RequestState]]:
+        """Run the step on the applied states; return logits [R, V] of the requests that sample, in the returned
+        order. It changes no state, so a step can be run more than once (tests compare kernels that way)."""
+        self.kv_cache.copy_blocks(step.block_copies)
+        batch = build_host_batch(step, self.requests, self.block_size)
         tensors = self.upload(batch)
         if self._fits_graph(batch):
             decode = DecodeInputs(tensors["token_ids"], tensors["positions"], tensors["slots"],

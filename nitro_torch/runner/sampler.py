@@ -184,7 +184,7 @@ def mask_stops_before_min_tokens(scores: torch.Tensor, requests: Sequence[Sequen
     columns: list[int] = []
     for row, request in enumerate(requests):
         params = request.params
-        if len(request.output_token_ids) >= params.min_tokens or params.guided is not None:
+        if request.num_output_tokens >= params.min_tokens or params.guided is not None:
             continue
         enders = set(params.stop_token_ids)
         if not params.ignore_eos:
@@ -290,7 +290,7 @@ def _is_plain_greedy(request: SequenceState) -> bool:
         and not params.needs_penalties
         and not params.logit_bias
         and params.logprobs is None
-        and len(request.output_token_ids) >= params.min_tokens
+        and request.num_output_tokens >= params.min_tokens
     )
 
 

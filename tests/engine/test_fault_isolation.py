@@ -144,11 +144,11 @@ def test_out_of_memory_backs_off_and_retries(engine: LLMEngine, clean: dict[str,
     budget = engine.scheduler.max_num_batched_tokens
     calls = {"oom": 0}
 
-    def out_of_memory_once_decoding(plan):  # noqa: ANN001, ANN202
-        if calls["oom"] == 0 and sum(s.num_tokens == 1 for s in plan.scheduled) >= 3:
+    def out_of_memory_once_decoding(step):  # noqa: ANN001, ANN202
+        if calls["oom"] == 0 and sum(n == 1 for n in step.num_scheduled_tokens.values()) >= 3:
             calls["oom"] += 1
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return execute(plan)
+        return execute(step)
 
     engine.runner.execute = out_of_memory_once_decoding  # type: ignore[method-assign]
     outputs = run_all(engine, greedy)

@@ -82,10 +82,11 @@ def run_in_lockstep(engine: LLMEngine, variants: dict[str, Callable[[], None]], 
     steps = 0
     while engine.scheduler.has_work:
         plan = engine.scheduler.schedule()
+        engine.runner.requests.apply(plan.for_runner)
         results = {}
         for name, activate in variants.items():
             activate()
-            logits, sampling = engine.runner.execute(plan)
+            logits, sampling = engine.runner.execute(plan.for_runner)
             results[name] = None if logits is None else logits.clone()
         first, *others = results.values()
         for name, logits in zip(list(results)[1:], others):
@@ -94,7 +95,9 @@ def run_in_lockstep(engine: LLMEngine, variants: dict[str, Callable[[], None]], 
             else:
                 torch.testing.assert_close(logits, first, atol=2e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
         tokens = [] if first is None else first.argmax(-1).tolist()
-        engine.scheduler.update(plan, {r.request_id: t for r, t in zip(sampling, tokens)})
+        sampled = {r.request_id: t for r, t in zip(sampling, tokens)}
+        engine.runner.requests.record(plan.for_runner, sampled)
+        engine.scheduler.update(plan, sampled)
         steps += 1
     for i in range(len(PROMPTS)):
         engine.core.requests.pop(f"r{i}", None)

@@ -1,4 +1,4 @@
-"""StepPlan -> packed host lists (no tensors), and the one-copy upload of those lists."""
+"""A step as data + the runner's request states -> packed host lists (no tensors), and the one-copy upload."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import torch
 from nitro_torch.engine.block_manager import BlockManager
 from nitro_torch.engine.request import Request
 from nitro_torch.engine.scheduler import Scheduler
-from nitro_torch.runner.input_batch import build_host_batch, pad_rows, slot_of
+from nitro_torch.runner.input_batch import HostBatch, build_host_batch, pad_rows, slot_of
+from nitro_torch.runner.sequence import RequestStates
 from nitro_torch.runner.staging import InputStaging
 from nitro_torch.sampling import SamplingParams
 
@@ -19,16 +20,33 @@ def request(request_id: str, prompt: list[int]) -> Request:
                    max_total_tokens=64)
 
 
+class Runner:
+    """The runner's side of a step without a model: its states, kept by the scheduler's messages."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.states = RequestStates()
+
+    def step(self) -> HostBatch:
+        self.plan = self.scheduler.schedule()
+        self.states.apply(self.plan.for_runner)
+        return build_host_batch(self.plan.for_runner, self.states, BS)
+
+    def finish_step(self, sampled: dict[str, int]) -> None:
+        self.states.record(self.plan.for_runner, sampled)
+        self.scheduler.update(self.plan, sampled)
+
+
 def test_decodes_first_then_chunks_with_slots_tables_and_sampling_rows() -> None:
     scheduler = Scheduler(BlockManager(32, BS, True), max_num_batched_tokens=9, max_num_seqs=8)
+    runner = Runner(scheduler)
     first = request("a", list(range(10, 16)))  # 6 tokens
     scheduler.add(first)
-    plan = scheduler.schedule()
-    scheduler.update(plan, {"a": 99})
+    runner.step()
+    runner.finish_step({"a": 99})
     second = request("b", list(range(20, 32)))  # 12 tokens: 8 fit beside a's decode, chunked
     scheduler.add(second)
-    plan = scheduler.schedule()
-    batch = build_host_batch(plan, BS)
+    batch = runner.step()
 
     assert batch.num_decodes == 1 and not batch.is_pure_decode
     assert batch.token_ids == [99, *range(20, 28)]
@@ -41,20 +59,23 @@ def test_decodes_first_then_chunks_with_slots_tables_and_sampling_rows() -> None
     assert batch.prefill_context_lens == [8] and batch.prefill_cu_query_lens == [0, 8]
     assert batch.prefill_tables == [second.block_ids[:2]]
     # the chunk stops mid-prompt, so only the decode samples
-    assert batch.sampling == [first] and batch.logits_rows == [0]
+    assert [state.request_id for state in batch.sampling] == ["a"] and batch.logits_rows == [0]
+    assert batch.sampling[0].token_ids == [*range(10, 16), 99]
 
 
 def test_prefix_hit_chunk_starts_after_the_cached_blocks() -> None:
     scheduler = Scheduler(BlockManager(32, BS, True), max_num_batched_tokens=64, max_num_seqs=8)
+    runner = Runner(scheduler)
     prompt = list(range(40, 50))  # 10 tokens: two full blocks cacheable
     scheduler.add(request("a", prompt))
-    scheduler.update(scheduler.schedule(), {"a": 5})
+    runner.step()
+    runner.finish_step({"a": 5})
     again = request("b", prompt)
     scheduler.add(again)
-    batch = build_host_batch(scheduler.schedule(), BS)
+    batch = runner.step()
     start = again.num_cached_tokens
     assert start == 8
-    index = batch.sampling.index(again)
+    index = [state.request_id for state in batch.sampling].index("b")
     chunk = batch.prefill_query_lens.index(len(prompt) - start)
     assert batch.prefill_context_lens[chunk] == len(prompt)
     assert batch.positions[batch.prefill_query_starts[chunk]] == start
