@@ -15,10 +15,11 @@ from transformers import PreTrainedModel
 
 from nitro_torch.runner.attention import AttentionMetadata, PrefillChunk, step_context
 from nitro_torch.runner.cuda_graphs import DecodeGraphs, DecodeInputs, capture_sizes
-from nitro_torch.runner.input_batch import HostBatch, build_host_batch
+from nitro_torch.runner.input_batch import HostBatch
 from nitro_torch.runner.kv_cache import KVCache
+from nitro_torch.runner.persistent_batch import PersistentBatch
 from nitro_torch.runner.scheduler_output import SchedulerOutput
-from nitro_torch.runner.sequence import RequestState, RequestStates
+from nitro_torch.runner.sequence import SequenceState
 from nitro_torch.runner.staging import InputStaging
 from nitro_torch.runner.step_sampling import ModelRunnerOutput, StepSampler
 
@@ -35,7 +36,7 @@ class ModelRunner:
         self.block_size = kv_cache.layout.block_size
         self.staging = InputStaging(device)
         self.graphs: DecodeGraphs | None = None
-        self.requests = RequestStates()
+        self.requests = PersistentBatch(self.block_size)
 
     def enable_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True,
                              compile: bool = False) -> None:
@@ -83,11 +84,11 @@ class ModelRunner:
         return output
 
     @torch.inference_mode()
-    def execute(self, step: SchedulerOutput) -> tuple[torch.Tensor | None, list[RequestState]]:
+    def execute(self, step: SchedulerOutput) -> tuple[torch.Tensor | None, list[SequenceState]]:
         """Run the step on the applied states; return logits [R, V] of the requests that sample, in the returned
         order. It changes no state, so a step can be run more than once (tests compare kernels that way)."""
         self.kv_cache.copy_blocks(step.block_copies)
-        batch = build_host_batch(step, self.requests, self.block_size)
+        batch = self.requests.inputs(step)
         tensors = self.upload(batch)
         if self._fits_graph(batch):
             decode = DecodeInputs(tensors["token_ids"], tensors["positions"], tensors["slots"],
@@ -111,24 +112,23 @@ class ModelRunner:
     def _fits_graph(self, batch: HostBatch) -> bool:
         if self.graphs is None or not batch.is_pure_decode:
             return False
-        return self.graphs.can_run(batch.num_decodes, len(batch.decode_tables[0]))
+        return self.graphs.can_run(batch.num_decodes, batch.decode_tables.shape[1])
 
     def _logits_of_all_rows(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=0)
         return out.logits[0]
 
     def upload(self, batch: HostBatch) -> dict[str, torch.Tensor]:
-        return self.staging.upload({
-            "token_ids": batch.token_ids,
-            "positions": batch.positions,
-            "slots": batch.slots,
-            "logits_rows": batch.logits_rows,
-            "decode_tables": batch.decode_tables,
-            "decode_context_lens": batch.decode_context_lens,
-            "prefill_tables": batch.prefill_tables,
-            "prefill_cu_query_lens": batch.prefill_cu_query_lens,
-            "prefill_context_lens": batch.prefill_context_lens,
-        })
+        arrays: dict[str, object] = {"token_ids": batch.token_ids, "positions": batch.positions, "slots": batch.slots,
+                                     "logits_rows": batch.logits_rows}
+        if batch.num_decodes:
+            arrays["decode_tables"] = batch.decode_tables
+            arrays["decode_context_lens"] = batch.decode_context_lens
+        if batch.prefill_query_lens:
+            arrays["prefill_tables"] = batch.prefill_tables
+            arrays["prefill_cu_query_lens"] = batch.prefill_cu_query_lens
+            arrays["prefill_context_lens"] = batch.prefill_context_lens
+        return self.staging.upload(arrays)  # type: ignore[arg-type]
 
     def metadata(self, batch: HostBatch, tensors: dict[str, torch.Tensor]) -> AttentionMetadata:
         metadata = AttentionMetadata(kv_cache=self.kv_cache, slot_mapping=tensors["slots"],

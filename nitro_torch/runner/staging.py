@@ -7,16 +7,17 @@ non-blocking transfer into a reused device buffer, and handed out as views. Both
 The device buffer is rewritten only by a copy queued behind every kernel of the previous step, so stream order
 protects it. The pinned buffer is not: a step in which no request samples ends without a host sync, so before
 rewriting it we wait for the event recorded after the previous transfer (normally long done: no wait).
-On the CPU the packed tensor is the inputs themselves: one tensor a step, no buffers, no copies.
+On the CPU the arrays are used where they are (torch views of the numpy arrays): no buffers, no copies.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
-IntRows = Sequence[int] | Sequence[Sequence[int]]
+IntArray = np.ndarray | Sequence[int] | Sequence[Sequence[int]]
 
 
 class InputStaging:
@@ -32,40 +33,29 @@ class InputStaging:
     def _new_host(self, capacity: int) -> torch.Tensor:
         return torch.empty(capacity, dtype=torch.long, pin_memory=self._pinned)
 
-    def upload(self, arrays: Mapping[str, IntRows]) -> dict[str, torch.Tensor]:
-        """int64 device tensors of the given lists (1-D) or equal-length rows (2-D), by name."""
-        flat: list[int] = []
-        layout: list[tuple[str, int, tuple[int, ...]]] = []
-        for name, values in arrays.items():
-            start = len(flat)
-            if values and isinstance(values[0], Sequence):
-                width = len(values[0])
-                for row in values:
-                    flat.extend(row)  # type: ignore[arg-type]
-                shape: tuple[int, ...] = (len(values), width)
-            else:
-                flat.extend(values)  # type: ignore[arg-type]
-                shape = (len(values),)
-            layout.append((name, start, shape))
+    def upload(self, arrays: Mapping[str, IntArray]) -> dict[str, torch.Tensor]:
+        """int64 device tensors of the given arrays or lists (1-D) or equal-length rows (2-D), by name."""
+        parts = [np.asarray(values, dtype=np.int64) for values in arrays.values()]
+        if self.device.type == "cpu":  # the inputs are already where they are used: the arrays' own memory
+            return {name: torch.from_numpy(part) for name, part in zip(arrays, parts)}
+        flat = np.concatenate([part.reshape(-1) for part in parts]) if parts else np.zeros(0, np.int64)
         total = len(flat)
-        if self.device.type == "cpu":  # the inputs are already where they are used: one tensor, no copies
-            buffer = torch.tensor(flat, dtype=torch.long)
-        else:
-            if self._copy_pending:
-                self._copied.synchronize()  # type: ignore[union-attr]
-                self._copy_pending = False
-            self._ensure_capacity(total)
-            buffer = self._device_buffer
-            if total:
-                self._host[:total].copy_(torch.tensor(flat, dtype=torch.long))
-                buffer[:total].copy_(self._host[:total], non_blocking=True)
-                if self._copied is not None:
-                    self._copied.record()
-                    self._copy_pending = True
+        if self._copy_pending:
+            self._copied.synchronize()  # type: ignore[union-attr]
+            self._copy_pending = False
+        self._ensure_capacity(total)
+        buffer = self._device_buffer
+        if total:
+            self._host[:total].copy_(torch.from_numpy(flat))
+            buffer[:total].copy_(self._host[:total], non_blocking=True)
+            if self._copied is not None:
+                self._copied.record()
+                self._copy_pending = True
         out = {}
-        for name, start, shape in layout:
-            count = shape[0] * (shape[1] if len(shape) == 2 else 1)
-            out[name] = buffer[start:start + count].view(shape)
+        start = 0
+        for name, part in zip(arrays, parts):
+            out[name] = buffer[start:start + part.size].view(part.shape)
+            start += part.size
         return out
 
     def _ensure_capacity(self, needed: int) -> None:

@@ -11,7 +11,7 @@ from nitro_torch.engine.block_manager import BlockManager
 from nitro_torch.engine.outputs import FinishReason
 from nitro_torch.engine.request import Request
 from nitro_torch.engine.scheduler import Scheduler, StepPlan
-from nitro_torch.runner.sequence import RequestStates
+from nitro_torch.runner.persistent_batch import PersistentBatch
 from nitro_torch.sampling import SamplingParams
 
 BS = 4
@@ -26,11 +26,11 @@ def make_request(request_id: str, prompt: list[int], max_tokens: int = 8, parent
 
 
 class Mirror:
-    """A runner without a model: RequestStates fed only by the plans' `for_runner` messages."""
+    """A runner without a model: its PersistentBatch fed only by the plans' `for_runner` messages."""
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
-        self.states = RequestStates()
+        self.states = PersistentBatch(BS)
 
     def schedule(self) -> StepPlan:
         plan = self.scheduler.schedule()
@@ -49,7 +49,7 @@ class Mirror:
         for item in plan.scheduled:
             request, state = item.request, self.states[item.request.request_id]
             assert step.num_scheduled_tokens[request.request_id] == item.num_tokens
-            assert state.token_ids == request.all_token_ids
+            assert state.all_token_ids == request.all_token_ids
             assert state.block_ids == request.block_ids
             assert state.num_computed_tokens == request.num_computed_tokens == item.start_position
             assert state.num_prompt_tokens == request.num_prompt_tokens and state.params is request.params

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
+import pytest
 import torch
 
 from nitro_torch.engine.block_manager import BlockManager
 from nitro_torch.engine.request import Request
 from nitro_torch.engine.scheduler import Scheduler
-from nitro_torch.runner.input_batch import HostBatch, build_host_batch, pad_rows, slot_of
-from nitro_torch.runner.sequence import RequestStates
+from nitro_torch.runner.input_batch import HostBatch
+from nitro_torch.runner.persistent_batch import PersistentBatch
 from nitro_torch.runner.staging import InputStaging
 from nitro_torch.sampling import SamplingParams
 
@@ -20,17 +24,21 @@ def request(request_id: str, prompt: list[int]) -> Request:
                    max_total_tokens=64)
 
 
+def slot_of(block_ids: list[int], position: int, block_size: int) -> int:
+    return block_ids[position // block_size] * block_size + position % block_size
+
+
 class Runner:
     """The runner's side of a step without a model: its states, kept by the scheduler's messages."""
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
-        self.states = RequestStates()
+        self.states = PersistentBatch(BS)
 
     def step(self) -> HostBatch:
         self.plan = self.scheduler.schedule()
         self.states.apply(self.plan.for_runner)
-        return build_host_batch(self.plan.for_runner, self.states, BS)
+        return self.states.inputs(self.plan.for_runner)
 
     def finish_step(self, sampled: dict[str, int]) -> None:
         self.states.record(self.plan.for_runner, sampled)
@@ -49,18 +57,18 @@ def test_decodes_first_then_chunks_with_slots_tables_and_sampling_rows() -> None
     batch = runner.step()
 
     assert batch.num_decodes == 1 and not batch.is_pure_decode
-    assert batch.token_ids == [99, *range(20, 28)]
-    assert batch.positions == [6, *range(8)]
+    assert batch.token_ids.tolist() == [99, *range(20, 28)]
+    assert batch.positions.tolist() == [6, *range(8)]
     assert batch.slots[0] == slot_of(first.block_ids, 6, BS)
-    assert batch.slots[1:] == [slot_of(second.block_ids, p, BS) for p in range(8)]
-    assert batch.decode_context_lens == [7]
-    assert batch.decode_tables == [first.block_ids]
+    assert batch.slots[1:].tolist() == [slot_of(second.block_ids, p, BS) for p in range(8)]
+    assert batch.decode_context_lens.tolist() == [7]
+    assert batch.decode_tables.tolist() == [first.block_ids]
     assert batch.prefill_query_starts == [1] and batch.prefill_query_lens == [8]
     assert batch.prefill_context_lens == [8] and batch.prefill_cu_query_lens == [0, 8]
-    assert batch.prefill_tables == [second.block_ids[:2]]
+    assert batch.prefill_tables.tolist() == [second.block_ids[:2]]
     # the chunk stops mid-prompt, so only the decode samples
     assert [state.request_id for state in batch.sampling] == ["a"] and batch.logits_rows == [0]
-    assert batch.sampling[0].token_ids == [*range(10, 16), 99]
+    assert batch.sampling[0].all_token_ids == [*range(10, 16), 99]
 
 
 def test_prefix_hit_chunk_starts_after_the_cached_blocks() -> None:
@@ -82,18 +90,81 @@ def test_prefix_hit_chunk_starts_after_the_cached_blocks() -> None:
     assert batch.logits_rows[index] == batch.prefill_query_starts[chunk] + len(prompt) - start - 1
 
 
-def test_pad_rows_pads_with_block_zero() -> None:
-    assert pad_rows([[3], [4, 5, 6]]) == [[3, 0, 0], [4, 5, 6]]
-    assert pad_rows([[1]], width=3) == [[1, 0, 0]]
-    assert pad_rows([]) == []
-
-
-def test_upload_packs_lists_and_rows_into_views_of_one_buffer() -> None:
+def test_upload_gives_int64_tensors_of_arrays_lists_and_rows() -> None:
     staging = InputStaging(torch.device("cpu"), initial_capacity=4)
-    out = staging.upload({"ids": [1, 2, 3], "table": [[7, 8], [9, 10]], "empty": [], "lens": [5]})
-    assert out["ids"].tolist() == [1, 2, 3]
+    out = staging.upload({"ids": [1, 2, 3], "table": [[7, 8], [9, 10]], "empty": [], "lens": np.array([5])})
+    assert out["ids"].tolist() == [1, 2, 3] and out["ids"].dtype == torch.long
     assert out["table"].tolist() == [[7, 8], [9, 10]]
     assert out["empty"].numel() == 0 and out["lens"].tolist() == [5]
-    assert out["ids"].untyped_storage().data_ptr() == out["table"].untyped_storage().data_ptr()
     again = staging.upload({"ids": [4]})
     assert again["ids"].tolist() == [4]
+
+
+def test_the_persistent_batch_grows_and_reuses_rows() -> None:
+    from nitro_torch.runner.scheduler_output import NewRequest, SchedulerOutput
+
+    batch = PersistentBatch(BS)
+    params = SamplingParams(max_tokens=8, temperature=0)
+
+    def new(i: int, length: int, computed: int) -> NewRequest:
+        tokens = [1000 * i + t for t in range(length)]
+        blocks = [100 * i + b for b in range(-(-length // BS))]
+        return NewRequest(f"r{i}", tokens, length, params, frozenset(), blocks, computed)
+
+    # more rows and longer sequences than the arrays start with
+    first = SchedulerOutput(new_requests=[new(i, 600 + i, 599 + i) for i in range(20)])
+    first.num_scheduled_tokens = {f"r{i}": 1 for i in range(20)}
+    batch.apply(first)
+    inputs = batch.inputs(first)
+    assert inputs.token_ids.tolist() == [1000 * i + 599 + i for i in range(20)]
+    assert inputs.logits_rows == list(range(20))
+    assert [s.request_id for s in inputs.sampling] == list(first.num_scheduled_tokens)
+    assert inputs.decode_tables.shape == (20, -(-619 // BS))
+    assert inputs.decode_tables[0, :3].tolist() == [0, 1, 2] and inputs.decode_tables[0, -1] == 0  # padded
+    batch.record(first, {f"r{i}": 7 for i in range(20)})
+    assert batch["r3"].output_token_ids == [7] and batch["r3"].num_computed_tokens == 603
+
+    second = SchedulerOutput(finished_request_ids=["r0", "r1"], new_requests=[new(30, 5, 1)],
+                             new_block_ids={"r2": [999]}, num_scheduled_tokens={"r2": 1, "r30": 4})
+    batch.apply(second)
+    assert "r0" not in batch and len(batch) == 19
+    assert batch["r30"].all_token_ids == [30000 + t for t in range(5)]  # a freed row, rewritten
+    assert batch["r2"].block_ids[-1] == 999
+    inputs = batch.inputs(second)
+    assert inputs.num_decodes == 1 and inputs.prefill_query_lens == [4]
+    assert inputs.token_ids.tolist() == [7, 30001, 30002, 30003, 30004]
+
+
+@pytest.mark.parametrize("num_rows", [1, 3, 6, 40])  # the scalar path for a few rows and the vectorized one
+def test_decode_rows_gather_each_requests_token_slot_and_table(num_rows: int) -> None:
+    from nitro_torch.runner.scheduler_output import NewRequest, SchedulerOutput
+
+    rng = random.Random(num_rows)
+    batch = PersistentBatch(BS)
+    step = SchedulerOutput()
+    for i in range(num_rows):
+        length = rng.randint(2, 30)
+        tokens = [rng.randint(0, 999) for _ in range(length)]
+        blocks = rng.sample(range(500), -(-length // BS))
+        step.new_requests.append(NewRequest(f"r{i}", tokens, length, SamplingParams(), frozenset(), blocks,
+                                            length - 1 - rng.randint(0, 1)))  # some rows decode mid-prompt
+        step.num_scheduled_tokens[f"r{i}"] = 1
+    batch.apply(step)
+    inputs = batch.inputs(step)
+    expected_rows = []
+    for index, new in enumerate(step.new_requests):
+        pos = new.num_computed_tokens
+        assert inputs.token_ids[index] == new.token_ids[pos] and inputs.positions[index] == pos
+        assert inputs.slots[index] == slot_of(new.block_ids, pos, BS)
+        assert inputs.decode_context_lens[index] == pos + 1
+        width = inputs.decode_tables.shape[1]
+        assert inputs.decode_tables[index].tolist() == new.block_ids + [0] * (width - len(new.block_ids))
+        if pos + 1 == len(new.token_ids):
+            expected_rows.append(index)
+    assert inputs.logits_rows == expected_rows
+    assert [s.request_id for s in inputs.sampling] == [f"r{i}" for i in expected_rows]
+    batch.record(step, {f"r{i}": 5 for i in expected_rows})
+    for index, new in enumerate(step.new_requests):
+        state = batch[new.request_id]
+        assert state.num_computed_tokens == new.num_computed_tokens + 1
+        assert state.all_token_ids == new.token_ids + ([5] if index in expected_rows else [])
