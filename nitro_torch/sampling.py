@@ -87,6 +87,14 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
     @property
+    def plain_greedy_from(self) -> int | None:
+        """Output tokens after which a plain argmax picks this request's token (no penalties, bias, logprobs or
+        min_tokens masking), or None if it never does."""
+        if not self.greedy or self.needs_penalties or self.logit_bias or self.logprobs is not None:
+            return None
+        return self.min_tokens
+
+    @property
     def needs_penalties(self) -> bool:
         return (
             self.presence_penalty != 0.0

@@ -44,6 +44,8 @@ class HostBatch:
     prefill_context_lens: list[int] = field(default_factory=list)
     """Tokens of the request in the cache after this step: cached prefix + this chunk."""
     prefill_tables: Ints = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
+    all_plain_greedy: bool | None = None
+    """Every sampling row picks its token by a plain argmax (None: not known; the sampler asks each row)."""
 
     @property
     def num_tokens(self) -> int:

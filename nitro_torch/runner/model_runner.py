@@ -37,6 +37,8 @@ class ModelRunner:
         self.staging = InputStaging(device)
         self.graphs: DecodeGraphs | None = None
         self.requests = PersistentBatch(self.block_size)
+        self.last_inputs: HostBatch | None = None
+        """The inputs `execute` ran last (what the sampler may know of them without asking each row)."""
 
     def enable_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True,
                              compile: bool = False) -> None:
@@ -77,9 +79,11 @@ class ModelRunner:
         scheduler sees them (applied, not advanced), so the step can be planned again."""
         assert self.sampling is not None, "a runner that samples needs a StepSampler"
         self.requests.apply(step)
+        self.last_inputs = None
         logits, rows = self.execute(step)
+        hint = self.last_inputs.all_plain_greedy if self.last_inputs is not None else None
         with torch.inference_mode():
-            output = self.sampling.sample(logits, rows)
+            output = self.sampling.sample(logits, rows, hint)
         self.requests.record(step, {request_id: token.token_id for request_id, token in output.sampled.items()})
         return output
 
@@ -88,7 +92,7 @@ class ModelRunner:
         """Run the step on the applied states; return logits [R, V] of the requests that sample, in the returned
         order. It changes no state, so a step can be run more than once (tests compare kernels that way)."""
         self.kv_cache.copy_blocks(step.block_copies)
-        batch = self.requests.inputs(step)
+        batch = self.last_inputs = self.requests.inputs(step)
         tensors = self.upload(batch)
         if self._fits_graph(batch):
             decode = DecodeInputs(tensors["token_ids"], tensors["positions"], tensors["slots"],

@@ -18,6 +18,7 @@ from nitro_torch.sampling import SamplingParams
 
 _INITIAL_ROWS = 8
 _INITIAL_TOKENS = 512
+_NEVER = np.iinfo(np.int64).max
 _FEW_ROWS = 4
 """Up to this many decode rows, scalar reads beat vectorized ops (each numpy call costs microseconds)."""
 
@@ -72,6 +73,8 @@ class PersistentBatch(Mapping[str, RequestState]):
         self.num_computed = np.zeros(_INITIAL_ROWS, dtype=np.int64)
         self.block_table = np.zeros((_INITIAL_ROWS, -(-_INITIAL_TOKENS // block_size)), dtype=np.int64)
         self.num_blocks = np.zeros(_INITIAL_ROWS, dtype=np.int64)
+        self.plain_greedy_at = np.zeros(_INITIAL_ROWS, dtype=np.int64)
+        """Token count from which the row samples by a plain argmax (_NEVER: it never does)."""
         self._free_rows: list[int] = list(range(_INITIAL_ROWS - 1, -1, -1))
         self._last_step: tuple[SchedulerOutput | None, list[str], np.ndarray] = (None, [], np.zeros(0, np.int64))
         """The step `inputs` gathered last, its request ids and rows: `record` of the same step reuses them."""
@@ -151,6 +154,8 @@ class PersistentBatch(Mapping[str, RequestState]):
         self.block_table[row] = 0
         self.block_table[row, :num_blocks] = new.block_ids
         self.num_blocks[row] = num_blocks
+        plain_from = new.params.plain_greedy_from
+        self.plain_greedy_at[row] = _NEVER if plain_from is None else new.num_prompt_tokens + plain_from
         self._row_of[new.request_id] = row
         self._states[new.request_id] = RequestState(new, row, self)
 
@@ -170,6 +175,7 @@ class PersistentBatch(Mapping[str, RequestState]):
         self.num_tokens = _grown(self.num_tokens, (new_rows,))
         self.num_computed = _grown(self.num_computed, (new_rows,))
         self.num_blocks = _grown(self.num_blocks, (new_rows,))
+        self.plain_greedy_at = _grown(self.plain_greedy_at, (new_rows,))
         self._free_rows = list(range(new_rows - 1, old_rows - 1, -1)) + self._free_rows
 
     def _rows(self, by_request: Mapping[str, int]) -> np.ndarray:
@@ -210,6 +216,7 @@ class PersistentBatch(Mapping[str, RequestState]):
             if start + count == int(self.num_tokens[row]):
                 batch.logits_rows.append(offset - 1)
                 batch.sampling.append(self._states[ids[index]])
+        batch.all_plain_greedy = None  # the chunks' rows are not in it: the sampler asks each row
         width = max(len(t) for t in prefill_tables)
         batch.prefill_tables = np.stack([np.pad(t, (0, width - len(t))) for t in prefill_tables])
         batch.token_ids = np.concatenate(parts_tokens)
@@ -227,7 +234,9 @@ class PersistentBatch(Mapping[str, RequestState]):
                           slots=self._slots(rows, positions), num_decodes=len(ids),
                           decode_tables=self.block_table[rows, :int(self.num_blocks[rows].max())],
                           decode_context_lens=context_lens)
-        samples = context_lens == self.num_tokens[rows]
+        num_tokens = self.num_tokens[rows]
+        batch.all_plain_greedy = bool((num_tokens >= self.plain_greedy_at[rows]).all())
+        samples = context_lens == num_tokens
         states = self._states
         if samples.all():
             batch.logits_rows = list(range(len(ids)))
@@ -253,10 +262,13 @@ class PersistentBatch(Mapping[str, RequestState]):
             num_decodes=len(ids),
             decode_tables=tables,
             decode_context_lens=np.array([pos + 1 for pos in positions], dtype=np.int64))
+        plain = True
         for index, (row, pos) in enumerate(zip(rows, positions)):
             if pos + 1 == self.num_tokens[row]:
                 batch.logits_rows.append(index)
                 batch.sampling.append(states[ids[index]])
+                plain = plain and self.num_tokens[row] >= self.plain_greedy_at[row]
+        batch.all_plain_greedy = plain
         return batch
 
     def _slots(self, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:

@@ -46,12 +46,15 @@ class Sampler:
     def release(self, request_id: str) -> None:
         self._seeded_generators.pop(request_id, None)
 
-    def sample(self, logits: torch.Tensor, requests: Sequence[SequenceState],
-               grammar: TokenMask | None = None) -> list[SampledToken]:
-        """`grammar`: the allowed tokens of the rows that decode under a grammar (None: no such row)."""
+    def sample(self, logits: torch.Tensor, requests: Sequence[SequenceState], grammar: TokenMask | None = None,
+               all_plain_greedy: bool | None = None) -> list[SampledToken]:
+        """`grammar`: the allowed tokens of the rows that decode under a grammar (None: no such row).
+        `all_plain_greedy`: whether every row is a plain argmax, when the caller knows (None: ask each row)."""
         if len(requests) != logits.shape[0]:
             raise ValueError(f"{logits.shape[0]} logit rows for {len(requests)} requests")
-        if all(_is_plain_greedy(r) for r in requests):
+        if all_plain_greedy is None:
+            all_plain_greedy = all(_is_plain_greedy(r) for r in requests)
+        if all_plain_greedy:
             row_max, token_ids = greedy_pick(logits)
             if grammar is not None:
                 token_ids = grammar.greedy(logits, token_ids)
@@ -284,14 +287,8 @@ def _with_logprobs(
 
 
 def _is_plain_greedy(request: SequenceState) -> bool:
-    params = request.params
-    return (
-        params.greedy
-        and not params.needs_penalties
-        and not params.logit_bias
-        and params.logprobs is None
-        and request.num_output_tokens >= params.min_tokens
-    )
+    start = request.params.plain_greedy_from
+    return start is not None and request.num_output_tokens >= start
 
 
 def _token_counts(token_lists: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:

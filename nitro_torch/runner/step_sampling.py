@@ -38,11 +38,12 @@ class StepSampler:
         self.sampler = sampler
         self.guided = guided
 
-    def sample(self, logits: torch.Tensor | None, rows: list[SequenceState]) -> ModelRunnerOutput:
+    def sample(self, logits: torch.Tensor | None, rows: list[SequenceState],
+               all_plain_greedy: bool | None = None) -> ModelRunnerOutput:
         if logits is None or not rows:
             return ModelRunnerOutput()
         try:
-            return self._sample_rows(logits, rows)
+            return self._sample_rows(logits, rows, all_plain_greedy)
         except Exception:
             logger.exception("sampling a batch of %d failed; sampling its requests one by one", len(rows))
         output = ModelRunnerOutput()
@@ -54,9 +55,10 @@ class StepSampler:
                 output.failed[request.request_id] = f"sampling failed: {type(exc).__name__}"
         return output
 
-    def _sample_rows(self, logits: torch.Tensor, rows: list[SequenceState]) -> ModelRunnerOutput:
+    def _sample_rows(self, logits: torch.Tensor, rows: list[SequenceState],
+                     all_plain_greedy: bool | None = None) -> ModelRunnerOutput:
         grammar = self.guided.token_mask(rows) if self.guided.active else None
-        tokens = self.sampler.sample(logits, rows, grammar)
+        tokens = self.sampler.sample(logits, rows, grammar, all_plain_greedy)
         output = ModelRunnerOutput()
         for request, token in zip(rows, tokens):
             if token.token_id == INVALID_TOKEN:

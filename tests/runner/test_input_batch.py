@@ -168,3 +168,23 @@ def test_decode_rows_gather_each_requests_token_slot_and_table(num_rows: int) ->
         state = batch[new.request_id]
         assert state.num_computed_tokens == new.num_computed_tokens + 1
         assert state.all_token_ids == new.token_ids + ([5] if index in expected_rows else [])
+
+
+@pytest.mark.parametrize("num_rows", [2, 8])
+def test_the_plain_greedy_hint_agrees_with_each_rows_parameters(num_rows: int) -> None:
+    from nitro_torch.runner.sampler import _is_plain_greedy
+    from nitro_torch.runner.scheduler_output import NewRequest, SchedulerOutput
+
+    for special in (None, SamplingParams(temperature=0.7), SamplingParams(temperature=0, min_tokens=3),
+                    SamplingParams(temperature=0, min_tokens=1), SamplingParams(temperature=0, logprobs=2),
+                    SamplingParams(temperature=0, presence_penalty=0.5)):
+        batch = PersistentBatch(BS)
+        step = SchedulerOutput()
+        for i in range(num_rows):
+            params = special if (special is not None and i == 1) else SamplingParams(temperature=0)
+            tokens = [7] * 6  # 5 prompt tokens and one output token
+            step.new_requests.append(NewRequest(f"r{i}", tokens, 5, params, frozenset(), [i], 5))
+            step.num_scheduled_tokens[f"r{i}"] = 1
+        batch.apply(step)
+        inputs = batch.inputs(step)
+        assert inputs.all_plain_greedy == all(_is_plain_greedy(s) for s in inputs.sampling), special
