@@ -49,12 +49,13 @@ class RequestState:
         return int(self._batch.num_computed[self.row])
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self._batch.token_ids[self.row, :self.num_tokens].tolist()
+    def all_token_ids(self) -> np.ndarray:
+        """A view of the row's tokens (no copy): valid until the batch records the next step."""
+        return self._batch.token_ids[self.row, :self.num_tokens]
 
     @property
-    def output_token_ids(self) -> list[int]:
-        return self._batch.token_ids[self.row, self.num_prompt_tokens:self.num_tokens].tolist()
+    def output_token_ids(self) -> np.ndarray:
+        return self._batch.token_ids[self.row, self.num_prompt_tokens:self.num_tokens]
 
     @property
     def block_ids(self) -> list[int]:

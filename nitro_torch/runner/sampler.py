@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from nitro_torch.runner.sequence import SequenceState
@@ -291,12 +292,13 @@ def _is_plain_greedy(request: SequenceState) -> bool:
     return start is not None and request.num_output_tokens >= start
 
 
-def _token_counts(token_lists: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+def _token_counts(token_lists: list[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
     """[len(token_lists), vocab_size] occurrence counts, built with one scatter_add."""
     width = max(1, max(len(tokens) for tokens in token_lists))
-    padding = vocab_size  # counted in an extra column that is dropped
-    padded = [tokens + [padding] * (width - len(tokens)) for tokens in token_lists]
-    index = torch.tensor(padded, device=device)
+    padded = np.full((len(token_lists), width), vocab_size, dtype=np.int64)  # counted in a column that is dropped
+    for row, tokens in enumerate(token_lists):
+        padded[row, :len(tokens)] = tokens
+    index = torch.from_numpy(padded).to(device)
     counts = torch.zeros(len(token_lists), vocab_size + 1, device=device)
     counts.scatter_add_(1, index, torch.ones_like(index, dtype=counts.dtype))
     return counts[:, :vocab_size]

@@ -49,7 +49,7 @@ class Mirror:
         for item in plan.scheduled:
             request, state = item.request, self.states[item.request.request_id]
             assert step.num_scheduled_tokens[request.request_id] == item.num_tokens
-            assert state.all_token_ids == request.all_token_ids
+            assert state.all_token_ids.tolist() == request.all_token_ids
             assert state.block_ids == request.block_ids
             assert state.num_computed_tokens == request.num_computed_tokens == item.start_position
             assert state.num_prompt_tokens == request.num_prompt_tokens and state.params is request.params

@@ -68,7 +68,7 @@ def test_decodes_first_then_chunks_with_slots_tables_and_sampling_rows() -> None
     assert batch.prefill_tables.tolist() == [second.block_ids[:2]]
     # the chunk stops mid-prompt, so only the decode samples
     assert [state.request_id for state in batch.sampling] == ["a"] and batch.logits_rows == [0]
-    assert batch.sampling[0].all_token_ids == [*range(10, 16), 99]
+    assert batch.sampling[0].all_token_ids.tolist() == [*range(10, 16), 99]
 
 
 def test_prefix_hit_chunk_starts_after_the_cached_blocks() -> None:
@@ -122,13 +122,13 @@ def test_the_persistent_batch_grows_and_reuses_rows() -> None:
     assert inputs.decode_tables.shape == (20, -(-619 // BS))
     assert inputs.decode_tables[0, :3].tolist() == [0, 1, 2] and inputs.decode_tables[0, -1] == 0  # padded
     batch.record(first, {f"r{i}": 7 for i in range(20)})
-    assert batch["r3"].output_token_ids == [7] and batch["r3"].num_computed_tokens == 603
+    assert batch["r3"].output_token_ids.tolist() == [7] and batch["r3"].num_computed_tokens == 603
 
     second = SchedulerOutput(finished_request_ids=["r0", "r1"], new_requests=[new(30, 5, 1)],
                              new_block_ids={"r2": [999]}, num_scheduled_tokens={"r2": 1, "r30": 4})
     batch.apply(second)
     assert "r0" not in batch and len(batch) == 19
-    assert batch["r30"].all_token_ids == [30000 + t for t in range(5)]  # a freed row, rewritten
+    assert batch["r30"].all_token_ids.tolist() == [30000 + t for t in range(5)]  # a freed row, rewritten
     assert batch["r2"].block_ids[-1] == 999
     inputs = batch.inputs(second)
     assert inputs.num_decodes == 1 and inputs.prefill_query_lens == [4]
@@ -167,7 +167,7 @@ def test_decode_rows_gather_each_requests_token_slot_and_table(num_rows: int) ->
     for index, new in enumerate(step.new_requests):
         state = batch[new.request_id]
         assert state.num_computed_tokens == new.num_computed_tokens + 1
-        assert state.all_token_ids == new.token_ids + ([5] if index in expected_rows else [])
+        assert state.all_token_ids.tolist() == new.token_ids + ([5] if index in expected_rows else [])
 
 
 @pytest.mark.parametrize("num_rows", [2, 8])
