@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from nitro_torch.runner.sequence import SequenceState
+from nitro_torch.runner.sequence import SequenceState, TokenIds
 from nitro_torch.sampling import TokenLogprob
 
 if TYPE_CHECKING:
@@ -292,7 +292,7 @@ def _is_plain_greedy(request: SequenceState) -> bool:
     return start is not None and request.num_output_tokens >= start
 
 
-def _token_counts(token_lists: list[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+def _token_counts(token_lists: list[TokenIds], vocab_size: int, device: torch.device) -> torch.Tensor:
     """[len(token_lists), vocab_size] occurrence counts, built with one scatter_add."""
     width = max(1, max(len(tokens) for tokens in token_lists))
     padded = np.full((len(token_lists), width), vocab_size, dtype=np.int64)  # counted in a column that is dropped

@@ -4,9 +4,14 @@ and the engine's Request both have it."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, TypeAlias
+
+import numpy as np
 
 from nitro_torch.sampling import SamplingParams
+
+TokenIds: TypeAlias = Sequence[int] | np.ndarray
+"""A list of token ids, or a view of a row of the runner's token array."""
 
 
 class SequenceState(Protocol):
@@ -19,7 +24,7 @@ class SequenceState(Protocol):
     def params(self) -> SamplingParams: ...
 
     @property
-    def output_token_ids(self) -> Sequence[int]: ...
+    def output_token_ids(self) -> TokenIds: ...
 
     @property
     def num_output_tokens(self) -> int: ...
@@ -28,4 +33,4 @@ class SequenceState(Protocol):
     def eos_token_ids(self) -> frozenset[int]: ...
 
     @property
-    def all_token_ids(self) -> Sequence[int]: ...
+    def all_token_ids(self) -> TokenIds: ...
