@@ -64,6 +64,7 @@ class RunnerConfig:
     cuda_graphs: bool = field(default=True, metadata={"help": "replay decode steps as captured CUDA graphs (CUDA only; --no-cuda-graphs runs them eagerly)"})
     attention_backend: Literal["auto", "triton", "torch"] = field(default="auto", metadata={"help": "paged-attention kernels: auto = Triton on CUDA, torch elsewhere"})
     compile_decode: bool = field(default=False, metadata={"help": "torch.compile the fixed-shape decode step, once per padded batch size at start-up (on CUDA its graphs are captured from the compiled code)"})
+    async_scheduling: bool = field(default=False, metadata={"help": "plan and stage each engine step while the previous one runs on the device; its sampled ids come back one step behind (greedy batches overlap, others run in step)"})
     engine_core: Literal["process", "thread"] = field(default="process", metadata={"help": "where the engine core (scheduler, model, sampling) runs: its own process, or a thread of the server's (debugging)"})
 
 

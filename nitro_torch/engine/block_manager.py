@@ -136,16 +136,19 @@ class BlockManager:
         self.stats.prefix_hit_tokens += hit.num_tokens
         request.num_cached_tokens = hit.num_tokens
 
-    def cache_full_blocks(self, request: Request) -> None:
-        """Publish the request's computed full blocks so later requests can share them."""
+    def cache_full_blocks(self, request: Request, num_computed: int | None = None) -> None:
+        """Publish the request's computed full blocks (of its first `num_computed` tokens, by default all it has
+        computed) so later requests can share them."""
         if not self.enable_prefix_caching:
             return
-        num_full = request.num_computed_tokens // self.block_size
+        if num_computed is None:
+            num_computed = request.num_computed_tokens
+        num_full = num_computed // self.block_size
         published = self._published.get(request.request_id, 0)
         if num_full <= published:
             return  # no block filled up since the last call (most decode steps)
         self._published[request.request_id] = num_full
-        keys = self._keys_for(request, request.num_computed_tokens)
+        keys = self._keys_for(request, num_full * self.block_size)
         for key, block_id in zip(keys[published:], request.block_ids[published:]):
             block = self.blocks[block_id]
             if block.key is None and key not in self._cached:

@@ -18,16 +18,16 @@ from nitro_torch.engine.context_length import check_context_length
 from nitro_torch.engine.messages import CoreOutput, EngineCoreRequest, EngineInfo, EngineStats
 from nitro_torch.engine.outputs import FinishReason
 from nitro_torch.engine.request import Request
-from nitro_torch.engine.scheduler import Scheduler
+from nitro_torch.engine.scheduler import Scheduler, StepPlan
 from nitro_torch.models.loader import LoadedModel, apply_chat_template_file
 from nitro_torch.runner.attention import set_attention_backend
 from nitro_torch.runner.guided import GuidedDecoder, logits_vocab_size
 from nitro_torch.runner.host_memory import reuse_large_allocations
 from nitro_torch.runner.kv_cache import GIB, KVCache, KVLayout, attention_layer_devices
 from nitro_torch.runner.memory import blocks_for_budgets, describe_capacity, gpu_kv_budgets
-from nitro_torch.runner.model_runner import ModelRunner
+from nitro_torch.runner.model_runner import LaunchedStep, ModelRunner
 from nitro_torch.runner.sampler import Sampler
-from nitro_torch.runner.step_sampling import StepSampler
+from nitro_torch.runner.step_sampling import ModelRunnerOutput, StepSampler
 
 logger = logging.getLogger("nitro_torch.engine")
 
@@ -58,6 +58,8 @@ class EngineCore:
                                     self.device)
         self.runner = ModelRunner(loaded.model, self.kv_cache, self.device, StepSampler(self.sampler, self.guided))
         self.requests: dict[str, Request] = {}
+        self._in_flight: tuple[StepPlan, LaunchedStep] | None = None
+        """Asynchronous scheduling: the launched step whose tokens are not collected yet."""
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB) = %s", num_blocks, layout.block_size,
                     num_blocks * layout.bytes_per_block / GIB,
                     describe_capacity(num_blocks, layout.block_size, self.max_model_len, sched.max_num_seqs))
@@ -154,13 +156,15 @@ class EngineCore:
 
     @property
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._in_flight is not None
 
     # the step -------------------------------------------------------------------------------------
 
     def step(self) -> list[CoreOutput]:
         """One step. A failure that belongs to one request (its sampling, non-finite logits) ends that request
         alone with an error output; a failed forward raises for the caller."""
+        if self.config.runner.async_scheduling:
+            return self._step_overlapped()
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
@@ -170,12 +174,68 @@ class EngineCore:
             if not self._back_off_after_oom():
                 raise
             return []  # nothing of the step was kept (no request advanced): it runs again, smaller
-        failed = [(self.requests[request_id], error) for request_id, error in result.failed.items()]
+        return self._outputs(plan, result, assumed=False)
+
+    def _step_overlapped(self) -> list[CoreOutput]:
+        """Asynchronous scheduling: plan and launch step N+1 while step N runs, then collect N's tokens. The plan
+        counts N's tokens as pending; N+1 reads them on the device. A step with a row that is not a plain argmax
+        (penalties, grammars, logprobs, sampling...) first collects N and samples at once."""
+        outputs: list[CoreOutput] = []
+        previous = self._in_flight
+        self._in_flight = None
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return self._collect(previous) if previous is not None else []
+        overlap = self._can_overlap(plan)
+        if previous is not None and not overlap:
+            outputs += self._collect(previous)
+            previous = None
+        self.scheduler.assume_progress(plan)
+        try:
+            launched = self.runner.launch(plan.for_runner, overlap, previous[1] if previous is not None else None)
+        except torch.OutOfMemoryError:
+            if previous is not None:
+                outputs += self._collect(previous)
+            self.scheduler.rewind(plan)
+            if not self._back_off_after_oom():
+                raise
+            return outputs
+        if previous is not None:
+            outputs += self._collect(previous)
+        if launched.output is None:
+            self._in_flight = (plan, launched)
+        else:
+            outputs += self._outputs(plan, launched.output, assumed=True)
+        return outputs
+
+    def _collect(self, in_flight: tuple[StepPlan, LaunchedStep]) -> list[CoreOutput]:
+        plan, launched = in_flight
+        return self._outputs(plan, self.runner.collect(launched), assumed=True)
+
+    @staticmethod
+    def _can_overlap(plan: StepPlan) -> bool:
+        for item in plan.scheduled:
+            if not item.samples:
+                continue
+            request = item.request
+            start = request.params.plain_greedy_from
+            if (start is None or request.params.guided is not None
+                    or request.num_output_tokens + request.num_pending_tokens < start):
+                return False
+        return True
+
+    def _outputs(self, plan: StepPlan, result: ModelRunnerOutput, assumed: bool) -> list[CoreOutput]:
+        """The scheduler learns the step's tokens; one output per request that sampled, failed or ended."""
+        failed = [(self.requests[request_id], error) for request_id, error in result.failed.items()
+                  if request_id in self.requests]
         for request, _ in failed:
             self.scheduler.finish(request, FinishReason.ABORT)
-        self.scheduler.update(plan, {request_id: token.token_id for request_id, token in result.sampled.items()})
+        self.scheduler.update(plan, {request_id: token.token_id for request_id, token in result.sampled.items()},
+                              assumed)
         outputs = [self._fail(request, error) for request, error in failed]
         for request_id, token in result.sampled.items():
+            if request_id not in self.requests:
+                continue  # ended while its step was in flight: the token is dropped
             request = self.requests[request_id]
             ended_on_stop_token = request.finish_reason is FinishReason.STOP
             if request_id in result.grammar_complete:  # complete structure; a no-op when a stop token ended it
@@ -214,6 +274,7 @@ class EngineCore:
 
     def fail_running(self, exc: Exception) -> list[CoreOutput]:
         """A step failed as a whole (not a device error): every running request ends with an error output."""
+        self._in_flight = None
         failed = list(self.scheduler.running)
         for request in failed:
             self.scheduler.finish(request, FinishReason.ABORT)

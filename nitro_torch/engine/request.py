@@ -40,6 +40,9 @@ class Request:
     num_preemptions: int = 0
     parent: Request | None = None
     """Another request with the same prompt (choice 0 of n) whose computed prompt this one shares."""
+    num_pending_tokens: int = 0
+    """Tokens sampled on the device in a step still in flight (asynchronous scheduling): known to come, not yet
+    known. The next step computes them all the same."""
     num_blocks_in_runner: int | None = None
     """How many of its blocks the runner knows; None while the runner does not hold the request."""
 
@@ -60,6 +63,10 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -29,11 +29,11 @@ class ScheduledRequest:
     request: Request
     num_tokens: int
     start_position: int
+    samples: bool = False
+    """The chunk reaches the request's last token (pending ones included), so a new token is sampled."""
 
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the request's last known token, so a new token is sampled."""
-        return self.start_position + self.num_tokens == self.request.num_tokens
+    def __post_init__(self) -> None:
+        self.samples = self.start_position + self.num_tokens == self.request.num_tokens_with_pending
 
 
 @dataclass
@@ -123,21 +123,24 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         budget = self.max_num_batched_tokens
-        decodes_first = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
+        decodes_first = sorted(self.running, key=lambda r: r.num_tokens_with_pending - r.num_computed_tokens > 1)
         for request in decodes_first:
             if budget == 0:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this step
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.num_pending_tokens and request.num_tokens_with_pending >= request.max_total_tokens:
+                continue  # its pending token is its last: it ends with it
+            num_new = min(request.num_tokens_with_pending - request.num_computed_tokens, budget)
             if not self._make_room(request, num_new, plan):
                 continue
             plan.scheduled.append(ScheduledRequest(request, num_new, request.num_computed_tokens))
             budget -= num_new
         if not plan.preempted:
             budget = self._admit_waiting(plan, budget)
-        plan.block_copies, self.block_manager.pending_copies = self.block_manager.pending_copies, []
-        plan.for_runner = self._runner_view(plan)
+        if plan.scheduled:  # the runner runs no empty step: copies and leavers wait for the next one
+            plan.block_copies, self.block_manager.pending_copies = self.block_manager.pending_copies, []
+            plan.for_runner = self._runner_view(plan)
         self.stats.num_steps += 1
         return plan
 
@@ -215,15 +218,41 @@ class Scheduler:
         plan.preempted.append(request)
         plan.scheduled = [s for s in plan.scheduled if s.request is not request]
 
-    def update(self, plan: StepPlan, sampled: dict[str, int]) -> list[Request]:
-        """Advance computed counts, append sampled tokens, apply token-level stop rules; return finished requests."""
+    def assume_progress(self, plan: StepPlan) -> None:
+        """Asynchronous scheduling: count a launched step as computed before its tokens are known, so the next step
+        can be planned while it runs; each sampling request has one pending token until `update(assumed=True)`."""
+        for item in plan.scheduled:
+            item.request.num_computed_tokens += item.num_tokens
+            if item.samples:
+                item.request.num_pending_tokens += 1
+
+    def rewind(self, plan: StepPlan) -> None:
+        """Undo `assume_progress` for a step that did not run (its requests still running are as before it)."""
+        for item in plan.scheduled:
+            request = item.request
+            if request.status is RequestStatus.RUNNING:
+                request.num_computed_tokens -= item.num_tokens
+            if item.samples and request.num_pending_tokens:
+                request.num_pending_tokens -= 1
+
+    def update(self, plan: StepPlan, sampled: dict[str, int], assumed: bool = False) -> list[Request]:
+        """Advance computed counts, append sampled tokens, apply token-level stop rules; return finished requests.
+
+        `assumed`: the step's progress was counted when it launched (`assume_progress`); here its pending tokens
+        become known, also for a request preempted since (it keeps the token for when it resumes)."""
         finished: list[Request] = []
         for item in plan.scheduled:
             request = item.request
+            if assumed and item.samples and request.num_pending_tokens:
+                request.num_pending_tokens -= 1
             if request.status is not RequestStatus.RUNNING:
-                continue  # aborted while the step ran
-            request.num_computed_tokens += item.num_tokens
-            self.block_manager.cache_full_blocks(request)
+                if not (assumed and request.status is RequestStatus.WAITING and request.request_id in sampled):
+                    continue  # aborted while the step ran
+            elif assumed:
+                self.block_manager.cache_full_blocks(request, item.start_position + item.num_tokens)
+            else:
+                request.num_computed_tokens += item.num_tokens
+                self.block_manager.cache_full_blocks(request)
             if request.request_id in self.forks_waiting and request.num_computed_tokens >= request.num_prompt_tokens:
                 self._release_forks(request)
             token = sampled.get(request.request_id)

@@ -44,6 +44,10 @@ class HostBatch:
     prefill_context_lens: list[int] = field(default_factory=list)
     """Tokens of the request in the cache after this step: cached prefix + this chunk."""
     prefill_tables: Ints = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
+    pending_rows: list[int] = field(default_factory=list)
+    """Rows whose token was sampled in the step still in flight (asynchronous scheduling): it is copied in on the
+    device from that step's sampled ids, by request id (`pending_ids`)."""
+    pending_ids: list[str] = field(default_factory=list)
     all_plain_greedy: bool | None = None
     """Every sampling row picks its token by a plain argmax (None: not known; the sampler asks each row)."""
 

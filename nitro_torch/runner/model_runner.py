@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
@@ -18,12 +19,50 @@ from nitro_torch.runner.cuda_graphs import DecodeGraphs, DecodeInputs, capture_s
 from nitro_torch.runner.input_batch import HostBatch
 from nitro_torch.runner.kv_cache import KVCache
 from nitro_torch.runner.persistent_batch import PersistentBatch
+from nitro_torch.runner.sampler import INVALID_TOKEN, SampledToken
 from nitro_torch.runner.scheduler_output import SchedulerOutput
 from nitro_torch.runner.sequence import SequenceState
 from nitro_torch.runner.staging import InputStaging
 from nitro_torch.runner.step_sampling import ModelRunnerOutput, StepSampler
 
 logger = logging.getLogger("nitro_torch.runner")
+
+
+@dataclass
+class TokensInFlight:
+    device_ids: torch.Tensor
+    """[R] sampled ids on the device, for the next step's inputs."""
+    host: torch.Tensor
+    """Their copy in host memory, valid once `copied` has passed."""
+    copied: torch.cuda.Event | None
+
+    def host_ids(self) -> list[int]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host.tolist()
+
+
+@dataclass
+class LaunchedStep:
+    request_ids: list[str]
+    """The requests that sample in the step, in row order."""
+    tokens: TokensInFlight | None
+    output: ModelRunnerOutput | None = None
+    """Set once the tokens are known on the host."""
+
+
+def _fill_pending(token_ids: torch.Tensor, batch: HostBatch, previous: LaunchedStep | None) -> None:
+    """Write into the step's input ids, on the device, the tokens the step in flight sampled for its rows."""
+    if previous is None or previous.tokens is None:
+        raise RuntimeError("a step reads tokens of a step in flight, but none was given")
+    sampled = previous.tokens.device_ids.clamp_min(0)  # a broken row's flag must not reach the embedding
+    rows = batch.pending_rows
+    if batch.pending_ids == previous.request_ids and rows == list(range(len(rows))):
+        token_ids[:len(rows)] = sampled  # the same requests in the same order (most decode steps)
+        return
+    index_of = {request_id: i for i, request_id in enumerate(previous.request_ids)}
+    sources = torch.tensor([index_of[request_id] for request_id in batch.pending_ids], device=sampled.device)
+    token_ids[torch.tensor(rows, device=token_ids.device)] = sampled[sources]
 
 
 class ModelRunner:
@@ -38,6 +77,9 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.requests = PersistentBatch(self.block_size)
         self.last_inputs: HostBatch | None = None
+        self._pinned: list[torch.Tensor | None] = [None, None]
+        """Two pinned buffers for sampled ids, taken in turn: one step's copy is in flight while the other's is read."""
+        self._pinned_turn = 0
         """The inputs `execute` ran last (what the sampler may know of them without asking each row)."""
 
     def enable_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True,
@@ -87,13 +129,70 @@ class ModelRunner:
         self.requests.record(step, {request_id: token.token_id for request_id, token in output.sampled.items()})
         return output
 
+    def launch(self, step: SchedulerOutput, overlap: bool, previous: LaunchedStep | None = None) -> LaunchedStep:
+        """Asynchronous scheduling: queue the step's forward and, with `overlap` (every sampling row a plain
+        argmax), its greedy pick on the device, and return without waiting; `collect` gets the tokens. Rows whose
+        token `previous` (the step still in flight) sampled read it on the device. Without `overlap` the step
+        samples at once on the host (`previous` must have been collected)."""
+        assert self.sampling is not None, "a runner that samples needs a StepSampler"
+        self.requests.apply(step)
+        self.last_inputs = None
+        logits, rows = self.execute(step, previous)
+        request_ids = [row.request_id for row in rows]
+        if overlap and logits is not None:
+            with torch.inference_mode():
+                launched = LaunchedStep(request_ids, self._tokens_to_host(self.sampling.sampler.greedy_ids(logits)))
+            self.requests.advance(step, pending=request_ids)
+            return launched
+        hint = self.last_inputs.all_plain_greedy if self.last_inputs is not None else None
+        with torch.inference_mode():
+            output = self.sampling.sample(logits, rows, hint)
+        self.requests.record(step, {request_id: token.token_id for request_id, token in output.sampled.items()})
+        return LaunchedStep(request_ids, None, output)
+
+    def collect(self, launched: LaunchedStep) -> ModelRunnerOutput:
+        """Wait for a launched step's tokens; they join their requests."""
+        if launched.output is not None:
+            return launched.output
+        assert launched.tokens is not None
+        output = ModelRunnerOutput()
+        sampled: dict[str, int] = {}
+        for request_id, token_id in zip(launched.request_ids, launched.tokens.host_ids()):
+            if token_id == INVALID_TOKEN:
+                logger.error("non-finite logits for %s; ending it", request_id)
+                output.failed[request_id] = "the model produced non-finite logits (NaN or inf)"
+            else:
+                sampled[request_id] = token_id
+                output.sampled[request_id] = SampledToken(token_id, None)
+        self.requests.append(sampled, were_pending=True)
+        launched.output = output
+        return output
+
+    def _tokens_to_host(self, token_ids: torch.Tensor) -> TokensInFlight:
+        """Start copying a step's sampled ids to (pinned) host memory behind the step's kernels."""
+        if token_ids.device.type != "cuda":
+            return TokensInFlight(token_ids, token_ids, None)
+        self._pinned_turn ^= 1
+        buffer = self._pinned[self._pinned_turn]
+        if buffer is None or buffer.numel() < token_ids.numel():
+            buffer = torch.empty(max(256, token_ids.numel()), dtype=token_ids.dtype, pin_memory=True)
+            self._pinned[self._pinned_turn] = buffer
+        host = buffer[:token_ids.numel()]
+        host.copy_(token_ids, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return TokensInFlight(token_ids, host, copied)
+
     @torch.inference_mode()
-    def execute(self, step: SchedulerOutput) -> tuple[torch.Tensor | None, list[SequenceState]]:
+    def execute(self, step: SchedulerOutput, previous: LaunchedStep | None = None
+                ) -> tuple[torch.Tensor | None, list[SequenceState]]:
         """Run the step on the applied states; return logits [R, V] of the requests that sample, in the returned
         order. It changes no state, so a step can be run more than once (tests compare kernels that way)."""
         self.kv_cache.copy_blocks(step.block_copies)
         batch = self.last_inputs = self.requests.inputs(step)
         tensors = self.upload(batch)
+        if batch.pending_rows:
+            _fill_pending(tensors["token_ids"], batch, previous)
         if self._fits_graph(batch):
             decode = DecodeInputs(tensors["token_ids"], tensors["positions"], tensors["slots"],
                                   tensors["decode_tables"], tensors["decode_context_lens"])

@@ -8,7 +8,7 @@ long the sequence is. The arrays grow (by doubling) when more requests or longer
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 
 import numpy as np
 
@@ -74,6 +74,8 @@ class PersistentBatch(Mapping[str, RequestState]):
         self.num_computed = np.zeros(_INITIAL_ROWS, dtype=np.int64)
         self.block_table = np.zeros((_INITIAL_ROWS, -(-_INITIAL_TOKENS // block_size)), dtype=np.int64)
         self.num_blocks = np.zeros(_INITIAL_ROWS, dtype=np.int64)
+        self.num_pending = np.zeros(_INITIAL_ROWS, dtype=np.int64)
+        """Tokens sampled in a step still in flight (asynchronous scheduling), not yet in `token_ids`."""
         self.plain_greedy_at = np.zeros(_INITIAL_ROWS, dtype=np.int64)
         """Token count from which the row samples by a plain argmax (_NEVER: it never does)."""
         self._free_rows: list[int] = list(range(_INITIAL_ROWS - 1, -1, -1))
@@ -108,38 +110,55 @@ class PersistentBatch(Mapping[str, RequestState]):
             self.num_blocks[row] = start + len(block_ids)
 
     def record(self, step: SchedulerOutput, sampled: Mapping[str, int]) -> None:
-        """After the forward: computed counts advance; each sampled token joins its request."""
+        """After a step's forward and sampling: computed counts advance; each sampled token joins its request."""
+        self.advance(step)
+        self.append(sampled)
+
+    def advance(self, step: SchedulerOutput, pending: Collection[str] = ()) -> None:
+        """Computed counts advance by the step's tokens; `pending`: requests whose sampled token is on its way
+        (asynchronous scheduling: the next step computes it before `append(..., were_pending=True)`)."""
         counts = step.num_scheduled_tokens
         if len(counts) <= _FEW_ROWS:
-            self._record_few(counts, sampled)
-            return
-        last_step, ids, rows = self._last_step
-        if last_step is not step:
-            ids, rows = list(counts), self._rows(counts)
-        if sum(counts.values()) == len(rows):
-            self.num_computed[rows] += 1
+            for request_id, count in counts.items():
+                self.num_computed[self._row_of[request_id]] += count
         else:
-            self.num_computed[rows] += np.fromiter(counts.values(), np.int64, len(rows))
-        if sampled:
-            if list(sampled) != ids:  # not every scheduled request sampled, or in another order
-                rows = self._rows(sampled)
-            lengths = self.num_tokens[rows]
-            if int(lengths.max()) >= self.token_ids.shape[1]:
-                self._fit(self.token_ids.shape[0], int(lengths.max()) + 1)
-            self.token_ids[rows, lengths] = np.fromiter(sampled.values(), np.int64, len(rows))
-            self.num_tokens[rows] = lengths + 1
+            last_step, _, rows = self._last_step
+            if last_step is not step:
+                rows = self._rows(counts)
+            if sum(counts.values()) == len(rows):
+                self.num_computed[rows] += 1
+            else:
+                self.num_computed[rows] += np.fromiter(counts.values(), np.int64, len(rows))
+        for request_id in pending:
+            self.num_pending[self._row_of[request_id]] += 1
 
-    def _record_few(self, counts: Mapping[str, int], sampled: Mapping[str, int]) -> None:
-        row_of, num_computed, num_tokens = self._row_of, self.num_computed, self.num_tokens
-        for request_id, count in counts.items():
-            num_computed[row_of[request_id]] += count
-        for request_id, token_id in sampled.items():
-            row = row_of[request_id]
-            length = int(num_tokens[row])
-            if length >= self.token_ids.shape[1]:
-                self._fit(self.token_ids.shape[0], length + 1)
-            self.token_ids[row, length] = token_id
-            num_tokens[row] = length + 1
+    def append(self, sampled: Mapping[str, int], were_pending: bool = False) -> None:
+        """Each sampled token joins its request (one that left since is skipped when the tokens were pending)."""
+        if were_pending:
+            sampled = {request_id: token for request_id, token in sampled.items() if request_id in self._row_of}
+        if not sampled:
+            return
+        if len(sampled) <= _FEW_ROWS:
+            for request_id, token_id in sampled.items():
+                row = self._row_of[request_id]
+                length = int(self.num_tokens[row])
+                if length >= self.token_ids.shape[1]:
+                    self._fit(self.token_ids.shape[0], length + 1)
+                self.token_ids[row, length] = token_id
+                self.num_tokens[row] = length + 1
+                if were_pending:
+                    self.num_pending[row] -= 1
+            return
+        _, ids, rows = self._last_step
+        if list(sampled) != ids:  # not every request of the last gathered step sampled, or in another order
+            rows = self._rows(sampled)
+        lengths = self.num_tokens[rows]
+        if int(lengths.max()) >= self.token_ids.shape[1]:
+            self._fit(self.token_ids.shape[0], int(lengths.max()) + 1)
+        self.token_ids[rows, lengths] = np.fromiter(sampled.values(), np.int64, len(rows))
+        self.num_tokens[rows] = lengths + 1
+        if were_pending:
+            self.num_pending[rows] -= 1
 
     def _add(self, new: NewRequest) -> None:
         if new.request_id in self._states:
@@ -152,6 +171,7 @@ class PersistentBatch(Mapping[str, RequestState]):
         self.token_ids[row, :count] = new.token_ids
         self.num_tokens[row] = count
         self.num_computed[row] = new.num_computed_tokens
+        self.num_pending[row] = 0
         self.block_table[row] = 0
         self.block_table[row, :num_blocks] = new.block_ids
         self.num_blocks[row] = num_blocks
@@ -176,6 +196,7 @@ class PersistentBatch(Mapping[str, RequestState]):
         self.num_tokens = _grown(self.num_tokens, (new_rows,))
         self.num_computed = _grown(self.num_computed, (new_rows,))
         self.num_blocks = _grown(self.num_blocks, (new_rows,))
+        self.num_pending = _grown(self.num_pending, (new_rows,))
         self.plain_greedy_at = _grown(self.plain_greedy_at, (new_rows,))
         self._free_rows = list(range(new_rows - 1, old_rows - 1, -1)) + self._free_rows
 
@@ -214,7 +235,7 @@ class PersistentBatch(Mapping[str, RequestState]):
             batch.prefill_context_lens.append(start + count)
             prefill_tables.append(self.block_table[row, :-(-(start + count) // self.block_size)])
             offset += count
-            if start + count == int(self.num_tokens[row]):
+            if start + count == int(self.num_tokens[row] + self.num_pending[row]):
                 batch.logits_rows.append(offset - 1)
                 batch.sampling.append(self._states[ids[index]])
         batch.all_plain_greedy = None  # the chunks' rows are not in it: the sampler asks each row
@@ -231,11 +252,17 @@ class PersistentBatch(Mapping[str, RequestState]):
             return HostBatch()
         positions = self.num_computed[rows]
         context_lens = positions + 1
-        batch = HostBatch(token_ids=self.token_ids[rows, positions], positions=positions,
+        known = self.num_tokens[rows]
+        width = self.token_ids.shape[1]
+        batch = HostBatch(token_ids=self.token_ids[rows, np.minimum(positions, width - 1)], positions=positions,
                           slots=self._slots(rows, positions), num_decodes=len(ids),
                           decode_tables=self.block_table[rows, :int(self.num_blocks[rows].max())],
                           decode_context_lens=context_lens)
-        num_tokens = self.num_tokens[rows]
+        pending = positions >= known  # the token was sampled in the step in flight: the device fills it in
+        if pending.any():
+            batch.pending_rows = np.flatnonzero(pending).tolist()
+            batch.pending_ids = [ids[i] for i in batch.pending_rows]
+        num_tokens = known + self.num_pending[rows]
         batch.all_plain_greedy = bool((num_tokens >= self.plain_greedy_at[rows]).all())
         samples = context_lens == num_tokens
         states = self._states
@@ -255,8 +282,10 @@ class PersistentBatch(Mapping[str, RequestState]):
         positions = [int(self.num_computed[row]) for row in rows]
         widths = [int(self.num_blocks[row]) for row in rows]
         tables = self.block_table[rows, :max(widths)]  # past its own blocks a row holds 0: the padding
+        known = [int(self.num_tokens[row]) for row in rows]
         batch = HostBatch(
-            token_ids=np.array([self.token_ids[row, pos] for row, pos in zip(rows, positions)], dtype=np.int64),
+            token_ids=np.array([self.token_ids[row, pos] if pos < count else 0
+                                for row, pos, count in zip(rows, positions, known)], dtype=np.int64),
             positions=np.array(positions, dtype=np.int64),
             slots=np.array([self.block_table[row, pos // bs] * bs + pos % bs for row, pos in zip(rows, positions)],
                            dtype=np.int64),
@@ -264,11 +293,15 @@ class PersistentBatch(Mapping[str, RequestState]):
             decode_tables=tables,
             decode_context_lens=np.array([pos + 1 for pos in positions], dtype=np.int64))
         plain = True
-        for index, (row, pos) in enumerate(zip(rows, positions)):
-            if pos + 1 == self.num_tokens[row]:
+        for index, (row, pos, count) in enumerate(zip(rows, positions, known)):
+            if pos >= count:  # sampled in the step in flight: the device fills it in
+                batch.pending_rows.append(index)
+                batch.pending_ids.append(ids[index])
+            num_tokens = count + int(self.num_pending[row])
+            if pos + 1 == num_tokens:
                 batch.logits_rows.append(index)
                 batch.sampling.append(states[ids[index]])
-                plain = plain and self.num_tokens[row] >= self.plain_greedy_at[row]
+                plain = plain and num_tokens >= self.plain_greedy_at[row]
         batch.all_plain_greedy = plain
         return batch
 

@@ -83,6 +83,12 @@ class Sampler:
             return [SampledToken(t, None) for t in _flag_invalid(token_ids, finite).tolist()]
         return _with_logprobs(logits, token_ids, requests, top_n, finite)
 
+    def greedy_ids(self, logits: torch.Tensor) -> torch.Tensor:
+        """The argmax of each row as a tensor on the logits' device (INVALID_TOKEN for a broken row), without a
+        host sync: for rows that are all plain greedy, when the step's tokens may stay on the device a while."""
+        row_max, token_ids = greedy_pick(logits)
+        return _flag_invalid(token_ids, torch.isfinite(row_max))
+
     def _draw(self, scores: torch.Tensor, requests: Sequence[SequenceState]) -> torch.Tensor:
         """Exponential-race sampling: argmax(p / q), q ~ Exp(1), draws each row from p.
 

@@ -92,6 +92,22 @@ def test_preemption_recomputes_same_tokens(prompts: list[list[int]], expected: l
     assert tight.stats().kv_blocks_used == 0
 
 
+@pytest.mark.parametrize("options", [{"max_num_seqs": 16, "max_num_batched_tokens": 256},
+                                     {"max_num_batched_tokens": 24, "max_num_seqs": 4, "prefix_caching": False}],
+                         ids=["batched", "chunked+preempted"])
+def test_asynchronous_scheduling_matches_hf(prompts: list[list[int]], expected: list[list[int]],
+                                            options: dict[str, object]) -> None:
+    """Each step is planned while the previous one runs (the sampled ids come back one step behind)."""
+    if options.get("prefix_caching") is False:
+        need = max(len(p) + n for p, n in zip(prompts, MAX_TOKENS))
+        options = {**options, "num_kv_blocks": -(-need // 16) + 2}
+    overlapped = make_engine(async_scheduling=True, **options)
+    assert overlapped.generate(prompts, [greedy(n) for n in MAX_TOKENS]) == expected
+    assert overlapped.stats().kv_blocks_used == 0
+    if "num_kv_blocks" in options:
+        assert overlapped.stats().num_preemptions > 0
+
+
 def test_prefix_cache_reuses_shared_system_prompt(engine: LLMEngine) -> None:
     system = {"role": "system", "content": "You are a meticulous travel agent. " * 12}
     chats = [[system, {"role": "user", "content": q}] for q in ("Plan a day in Rome.", "Plan a day in Oslo.")]

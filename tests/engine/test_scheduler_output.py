@@ -34,8 +34,9 @@ class Mirror:
 
     def schedule(self) -> StepPlan:
         plan = self.scheduler.schedule()
-        self.states.apply(plan.for_runner)
-        self.check(plan)
+        if not plan.is_empty:  # as the engine core: an empty plan never reaches the runner
+            self.states.apply(plan.for_runner)
+            self.check(plan)
         return plan
 
     def finish_step(self, plan: StepPlan, token_of=lambda request: 7) -> None:  # noqa: ANN001
@@ -141,5 +142,55 @@ def test_runner_states_follow_the_scheduler_through_random_runs(seed: int) -> No
         live = [r for r in live if not r.is_finished]
     while scheduler.has_work:
         mirror.finish_step(mirror.schedule(), token_of)
-    mirror.schedule()
-    assert not mirror.states
+    scheduler.add(make_request("last", [20, 21]))
+    mirror.schedule()  # the leavers of the idle steps reach the runner with the next step that runs
+    assert set(mirror.states) == {"last"}
+
+
+def _run_to_the_end(seed: int, pipelined: bool) -> dict[str, tuple[list[int], FinishReason | None]]:
+    """Requests with chosen EOS positions in a pool small enough to preempt; every step scheduled either after the
+    previous one's tokens are known, or (pipelined, asynchronous scheduling) while they are still pending."""
+    rng = random.Random(seed)
+    scheduler = Scheduler(BlockManager(12, BS, seed % 2 == 0), max_num_batched_tokens=rng.choice([6, 16]),
+                          max_num_seqs=rng.choice([3, 5]))
+    mirror = Mirror(scheduler)
+    requests = []
+    for n in range(14):
+        prompt = [rng.randint(20, 24) for _ in range(rng.randint(1, 14))]
+        request = make_request(f"r{n}", prompt, max_tokens=rng.randint(1, 12))
+        eos_at = rng.randint(1, 14)
+        scheduler.add(request)
+        requests.append((request, eos_at))
+    eos_of = {request.request_id: eos_at for request, eos_at in requests}
+
+    def token_of(request: Request) -> int:  # the token after its known and pending outputs
+        index = request.num_output_tokens + request.num_pending_tokens + 1
+        return EOS if index == eos_of[request.request_id] else 30 + index
+
+    in_flight: tuple[StepPlan, dict[str, int]] | None = None
+    for _ in range(2000):
+        if not scheduler.has_work and in_flight is None:
+            break
+        plan = mirror.schedule()
+        if not pipelined:
+            if not plan.is_empty:
+                mirror.finish_step(plan, token_of)
+            continue
+        launched = None
+        if not plan.is_empty:
+            sampled = {s.request.request_id: token_of(s.request) for s in plan.scheduled if s.samples}
+            scheduler.assume_progress(plan)
+            mirror.states.advance(plan.for_runner, pending=list(sampled))
+            launched = (plan, sampled)
+        if in_flight is not None:
+            previous, tokens = in_flight
+            mirror.states.append(tokens, were_pending=True)
+            scheduler.update(previous, tokens, assumed=True)
+        in_flight = launched
+    assert not scheduler.has_work and scheduler.block_manager.num_used_blocks == 0
+    return {r.request_id: (r.output_token_ids, r.finish_reason) for r, _ in requests}
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_pipelined_steps_give_every_request_the_same_tokens(seed: int) -> None:
+    assert _run_to_the_end(seed, pipelined=True) == _run_to_the_end(seed, pipelined=False)
