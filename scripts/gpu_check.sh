@@ -16,6 +16,7 @@ W256_8B_TIMEOUT_S=${W256_8B_TIMEOUT_S:-100}
 PROFILE_TIMEOUT_S=${PROFILE_TIMEOUT_S:-60}   # torch.profiler of single decode steps (llama-1b at 1 and 256, llama-8b at 1)
 HTTP_W256_TIMEOUT_S=${HTTP_W256_TIMEOUT_S:-120} # save a random-init llama-1b, serve it, bench --url w256
 DECODE_BF16_TIMEOUT_S=${DECODE_BF16_TIMEOUT_S:-30}
+ASYNC_TIMEOUT_S=${ASYNC_TIMEOUT_S:-45}       # w256 llama-1b with --async-scheduling, nitro only
 DECODE_NF4_TIMEOUT_S=${DECODE_NF4_TIMEOUT_S:-75} # includes saving the random-init 8B model once (16 GB) for quantized loading
 DECODE_INT8_TIMEOUT_S=${DECODE_INT8_TIMEOUT_S:-110} # reuses that folder; two quantized loads (HF and nitro) per step
 MIN_STEP_S=${MIN_STEP_S:-15}                 # a step with less budget left than this is skipped
@@ -103,11 +104,18 @@ PY
 
   run_step w256-llama-1b "$W256_1B_TIMEOUT_S" \
       python3 scripts/bench.py --workload w256 --shape llama-1b --baseline-limit "$W256_BASELINE_LIMIT" --json "$OUT/w256-llama-1b.json"
+  # --async-scheduling (off by default until this run decides): the same w256 and batch-1 decode, nitro only
+  run_step w256-llama-1b-async "$ASYNC_TIMEOUT_S" \
+      python3 scripts/bench.py --workload w256 --shape llama-1b --systems nitro --nitro-opt async_scheduling=true \
+      --json "$OUT/async-w256-llama-1b.json"
   run_step w256-llama-8b "$W256_8B_TIMEOUT_S" \
       python3 scripts/bench.py --workload w256 --shape llama-8b --baseline-limit "$W256_BASELINE_LIMIT" --json "$OUT/w256-llama-8b.json"
   run_step w256-llama-1b-http "$HTTP_W256_TIMEOUT_S" http_w256 llama-1b
   run_step decode-b1-bf16 "$DECODE_BF16_TIMEOUT_S" \
       python3 scripts/bench.py --workload decode-b1 --shape llama-8b --repeats 1 --json "$OUT/decode-b1-bf16.json"
+  run_step decode-b1-bf16-async "$DECODE_BF16_TIMEOUT_S" \
+      python3 scripts/bench.py --workload decode-b1 --shape llama-8b --repeats 1 --systems nitro \
+      --nitro-opt async_scheduling=true --json "$OUT/async-decode-b1-bf16.json"
   run_step decode-b1-nf4 "$DECODE_NF4_TIMEOUT_S" \
       python3 scripts/bench.py --workload decode-b1 --shape llama-8b --repeats 1 --quantization bnb-4bit --json "$OUT/decode-b1-nf4.json"
   run_step decode-b1-int8 "$DECODE_INT8_TIMEOUT_S" \
@@ -116,6 +124,8 @@ PY
   echo
   echo "=== summary (${SECONDS}s in all)"
   python3 scripts/bench_summary.py "$OUT"/w256-llama-?b.json "$OUT"/decode-b1-*.json
+  echo "--- with --async-scheduling (nitro only):"
+  python3 scripts/bench_summary.py "$OUT"/async-*.json
   for profile in "$OUT"/profile-*.json "$OUT"/w256-*-http.json; do
     [[ -f $profile ]] && { echo "--- $(basename "$profile")"; python3 -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1])), indent=1)[:1500])" "$profile"; }
   done

@@ -64,6 +64,18 @@ def test_graphs_and_kernels_give_the_eager_torch_tokens(model_dir: Path) -> None
     assert greedy(reference) == fast_tokens
 
 
+def test_asynchronous_scheduling_gives_the_synchronous_tokens(model_dir: Path) -> None:
+    """Graph replays fed on the device with the previous step's sampled ids, copied back through pinned memory
+    one step behind; a small KV cache so that requests are preempted while a step is in flight."""
+    options = {"num_kv_blocks": 40, "max_num_seqs": 9}
+    synchronous = greedy(make_engine(model_dir, **options))
+    gc.collect()
+    overlapped = make_engine(model_dir, async_scheduling=True, **options)
+    assert overlapped.runner.graphs is not None
+    assert greedy(overlapped) == synchronous
+    assert overlapped.stats().num_preemptions > 0 and overlapped.block_manager.num_used_blocks == 0
+
+
 def test_kv_blocks_come_from_the_memory_budget(model_dir: Path) -> None:
     before = torch.cuda.memory_allocated()
     engine = make_engine(model_dir, gpu_memory_utilization=0.3, num_kv_blocks=None)

@@ -12,12 +12,12 @@ import httpx
 from .conftest import LIVE_MAX_MODEL_LEN, server_process
 from .helpers import HELLO
 
-MAX_TOKENS = 200
+MAX_TOKENS = 64
 
 
 def test_sigterm_drains_a_stream_then_exits_0():
     with server_process("--max-model-len", str(LIVE_MAX_MODEL_LEN), "--kv-cache-memory", "0.1",
-                        "--shutdown-timeout", "60", "--log-level", "info") as (process, base, log):
+                        "--shutdown-timeout", "180", "--log-level", "info") as (process, base, log):
         assert httpx.get(base + "/ready", timeout=5).status_code == 200
         lines: list[str] = []
         first_chunk = threading.Event()
