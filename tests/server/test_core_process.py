@@ -131,3 +131,38 @@ def test_a_slow_reader_holds_back_nobody(own_engine) -> None:
         assert events[-1] == "[DONE]"
         assert json.loads(events[-2])["usage"]["completion_tokens"] == 200
     assert wait_until_idle(own_engine).kv_blocks_used == 0
+
+
+
+def test_asynchronous_scheduling_in_the_core_process_serves_the_same_answers(client) -> None:  # noqa: ANN001
+    """--async-scheduling in the served layout (the core in its own process): greedy chats, n=2 forks, a stream and
+    a penalty (whose steps run in step) answer exactly as the default engine does."""
+    from starlette.testclient import TestClient
+
+    from nitro_torch.engine.client import start_engine_client
+    from nitro_torch.server.app import create_app
+
+    bodies = [
+        {"messages": HELLO, "max_tokens": 24, "temperature": 0, "n": 2},
+        {"messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 20, "temperature": 0,
+         "frequency_penalty": 0.8},
+        {"messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 30, "temperature": 0},
+    ]
+    expected = [client.post("/v1/chat/completions", json=body).json()["choices"] for body in bodies]
+    config = build_config({**ENGINE_OPTIONS, "kv_cache_memory": 0.1, "async_scheduling": True}, env={})
+    engine = start_engine_client(config)
+    try:
+        with TestClient(create_app(config, engine)) as overlapped:
+            for body, choices in zip(bodies, expected):
+                got = overlapped.post("/v1/chat/completions", json=body).json()["choices"]
+                assert [c["message"]["content"] for c in got] == [c["message"]["content"] for c in choices]
+                assert [c["finish_reason"] for c in got] == [c["finish_reason"] for c in choices]
+            lines = [line for line in overlapped.post("/v1/chat/completions", json={**bodies[2], "stream": True}
+                                                      ).text.splitlines() if line]
+            text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                           for line in lines if line.startswith("data: {"))
+            assert text == expected[2][0]["message"]["content"] and lines[-1] == "data: [DONE]"
+            idle = wait_until_idle(engine)
+            assert idle.num_running == 0 and idle.kv_blocks_used == 0
+    finally:
+        engine.shutdown()
