@@ -13,8 +13,8 @@ def greedy_with_logits(engine: LLMEngine, prompt: list[int], n: int) -> tuple[li
     produced: list[torch.Tensor] = []
     execute = engine.runner.execute
 
-    def keep_logits(plan):  # noqa: ANN001, ANN202
-        logits, requests = execute(plan)
+    def keep_logits(plan, previous=None):  # noqa: ANN001, ANN202
+        logits, requests = execute(plan, previous)
         if logits is not None:
             produced.append(logits.float().cpu())
         return logits, requests

@@ -23,7 +23,7 @@ from nitro_torch.runner.sampler import INVALID_TOKEN, SampledToken
 from nitro_torch.runner.scheduler_output import SchedulerOutput
 from nitro_torch.runner.sequence import SequenceState
 from nitro_torch.runner.staging import InputStaging
-from nitro_torch.runner.step_sampling import ModelRunnerOutput, StepSampler
+from nitro_torch.runner.step_sampling import NON_FINITE_LOGITS, ModelRunnerOutput, StepSampler
 
 logger = logging.getLogger("nitro_torch.runner")
 
@@ -77,10 +77,10 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.requests = PersistentBatch(self.block_size)
         self.last_inputs: HostBatch | None = None
+        """The inputs `execute` ran last (what the sampler may know of them without asking each row)."""
         self._pinned: list[torch.Tensor | None] = [None, None]
         """Two pinned buffers for sampled ids, taken in turn: one step's copy is in flight while the other's is read."""
         self._pinned_turn = 0
-        """The inputs `execute` ran last (what the sampler may know of them without asking each row)."""
 
     def enable_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True,
                              compile: bool = False) -> None:
@@ -119,14 +119,8 @@ class ModelRunner:
         """Apply the step's changes, run its forward, sample, and advance the states by what was computed and
         sampled: what each sampling request drew, by request id. A forward that raises leaves the states as the
         scheduler sees them (applied, not advanced), so the step can be planned again."""
-        assert self.sampling is not None, "a runner that samples needs a StepSampler"
-        self.requests.apply(step)
-        self.last_inputs = None
-        logits, rows = self.execute(step)
-        hint = self.last_inputs.all_plain_greedy if self.last_inputs is not None else None
-        with torch.inference_mode():
-            output = self.sampling.sample(logits, rows, hint)
-        self.requests.record(step, {request_id: token.token_id for request_id, token in output.sampled.items()})
+        output = self.launch(step, overlap=False).output
+        assert output is not None  # a step that does not overlap samples at once
         return output
 
     def launch(self, step: SchedulerOutput, overlap: bool, previous: LaunchedStep | None = None) -> LaunchedStep:
@@ -138,8 +132,8 @@ class ModelRunner:
         self.requests.apply(step)
         self.last_inputs = None
         logits, rows = self.execute(step, previous)
-        request_ids = [row.request_id for row in rows]
         if overlap and logits is not None:
+            request_ids = [row.request_id for row in rows]
             with torch.inference_mode():
                 launched = LaunchedStep(request_ids, self._tokens_to_host(self.sampling.sampler.greedy_ids(logits)))
             self.requests.advance(step, pending=request_ids)
@@ -148,7 +142,7 @@ class ModelRunner:
         with torch.inference_mode():
             output = self.sampling.sample(logits, rows, hint)
         self.requests.record(step, {request_id: token.token_id for request_id, token in output.sampled.items()})
-        return LaunchedStep(request_ids, None, output)
+        return LaunchedStep([row.request_id for row in rows], None, output)
 
     def collect(self, launched: LaunchedStep) -> ModelRunnerOutput:
         """Wait for a launched step's tokens; they join their requests."""
@@ -160,7 +154,7 @@ class ModelRunner:
         for request_id, token_id in zip(launched.request_ids, launched.tokens.host_ids()):
             if token_id == INVALID_TOKEN:
                 logger.error("non-finite logits for %s; ending it", request_id)
-                output.failed[request_id] = "the model produced non-finite logits (NaN or inf)"
+                output.failed[request_id] = NON_FINITE_LOGITS
             else:
                 sampled[request_id] = token_id
                 output.sampled[request_id] = SampledToken(token_id, None)

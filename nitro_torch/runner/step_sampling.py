@@ -17,6 +17,8 @@ from nitro_torch.runner.sequence import SequenceState
 
 logger = logging.getLogger("nitro_torch.runner")
 
+NON_FINITE_LOGITS = "the model produced non-finite logits (NaN or inf)"
+
 
 @dataclass
 class ModelRunnerOutput:
@@ -63,7 +65,7 @@ class StepSampler:
         for request, token in zip(rows, tokens):
             if token.token_id == INVALID_TOKEN:
                 logger.error("non-finite logits for %s; ending it", request.request_id)
-                output.failed[request.request_id] = "the model produced non-finite logits (NaN or inf)"
+                output.failed[request.request_id] = NON_FINITE_LOGITS
             else:
                 output.sampled[request.request_id] = token
         if grammar is not None:

@@ -130,7 +130,8 @@ def test_forked_choices_share_one_prefill_and_match_hf(prompts: list[list[int]],
     engine = make_engine(max_num_seqs=8, prefix_caching=prefix_caching)
     computed: list[int] = []
     execute = engine.runner.execute
-    engine.runner.execute = lambda step: (computed.append(step.total_num_scheduled_tokens), execute(step))[1]
+    engine.runner.execute = lambda step, previous=None: (computed.append(step.total_num_scheduled_tokens),
+                                                         execute(step, previous))[1]
     prompt, n = prompts[2], MAX_TOKENS[2]
     parent = engine.add_request("choice-0", prompt, greedy(n))
     children = [engine.add_request(f"choice-{i}", prompt, greedy(n), parent_id="choice-0") for i in (1, 2)]

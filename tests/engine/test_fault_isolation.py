@@ -68,8 +68,8 @@ def poison_rows(engine: LLMEngine, after_tokens: int) -> None:
     """From now on the victim's logits rows are NaN once it has produced `after_tokens` tokens."""
     execute = engine.runner.execute
 
-    def poisoned(plan):  # noqa: ANN001, ANN202
-        logits, requests = execute(plan)
+    def poisoned(plan, previous=None):  # noqa: ANN001, ANN202
+        logits, requests = execute(plan, previous)
         if logits is not None:
             logits = logits.clone()
         for row, request in enumerate(requests):
@@ -144,11 +144,11 @@ def test_out_of_memory_backs_off_and_retries(engine: LLMEngine, clean: dict[str,
     budget = engine.scheduler.max_num_batched_tokens
     calls = {"oom": 0}
 
-    def out_of_memory_once_decoding(step):  # noqa: ANN001, ANN202
+    def out_of_memory_once_decoding(step, previous=None):  # noqa: ANN001, ANN202
         if calls["oom"] == 0 and sum(n == 1 for n in step.num_scheduled_tokens.values()) >= 3:
             calls["oom"] += 1
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return execute(step)
+        return execute(step, previous)
 
     engine.runner.execute = out_of_memory_once_decoding  # type: ignore[method-assign]
     outputs = run_all(engine, greedy)
@@ -163,7 +163,7 @@ def test_out_of_memory_backs_off_and_retries(engine: LLMEngine, clean: dict[str,
 def test_out_of_memory_with_nothing_left_to_shrink_raises(engine: LLMEngine) -> None:
     engine.scheduler.max_num_batched_tokens = engine.block_manager.block_size
 
-    def always_oom(plan):  # noqa: ANN001, ANN202
+    def always_oom(plan, previous=None):  # noqa: ANN001, ANN202
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
     engine.runner.execute = always_oom  # type: ignore[method-assign]

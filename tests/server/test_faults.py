@@ -17,8 +17,8 @@ def poisoned(thread_engine, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN001, A
     runner = thread_engine.core.runner
     execute = runner.execute
 
-    def poisoned_execute(plan):  # noqa: ANN001, ANN202
-        logits, requests = execute(plan)
+    def poisoned_execute(plan, previous=None):  # noqa: ANN001, ANN202
+        logits, requests = execute(plan, previous)
         rows = [i for i, r in enumerate(requests) if r.params.seed == VICTIM_SEED]
         if logits is not None and rows:
             logits = logits.clone()
@@ -90,7 +90,7 @@ def test_a_fatal_device_error_fails_requests_and_turns_health_503(tiny_model_dir
         with TestClient(create_app(config, engine), raise_server_exceptions=False) as client:
             assert client.get("/health").status_code == 200
 
-            def illegal_address(plan):  # noqa: ANN001, ANN202
+            def illegal_address(plan, previous=None):  # noqa: ANN001, ANN202
                 raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered (injected)")
 
             engine.core.runner.execute = illegal_address
