@@ -42,6 +42,7 @@ class ChatConfig:
     user_prompt: str | None = field(default=None, metadata={"help": "prompt-prefix mode: text before a user message"})
     ai_prompt: str | None = field(default=None, metadata={"help": "prompt-prefix mode: text before an assistant message and the answer"})
     pre_prompt: str | None = field(default=None, metadata={"help": "prompt-prefix mode: text at the start of every prompt"})
+    special_tokens_in_content: bool = field(default=False, metadata={"help": "tokenize control tokens written inside message content (e.g. <|im_start|>) as the special tokens themselves; off: as plain text, as OpenAI does, so a client cannot forge a turn"})
 
 
 @dataclass
@@ -57,6 +58,7 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_batched_tokens: int = field(default=2048, metadata={"help": "token budget of one engine step"})
     max_num_seqs: int = field(default=128, metadata={"help": "most requests running at once"})
+    fair_share: bool = field(default=True, metadata={"help": "share each step's tokens and the waiting queue fairly between clients (by API key, else by client address), so that one heavy client cannot starve a light one; off: first come, first served"})
 
 
 @dataclass
@@ -77,12 +79,19 @@ class ServerConfig:
     max_request_bytes: int = field(default=8 << 20, metadata={"help": "largest request body in bytes; larger is 413 (0: no limit)"})
     request_timeout: float = field(default=0.0, metadata={"help": "seconds a request may take from arrival; then it ends with finish_reason 'length' and what it has produced (0: no limit)"})
     shutdown_timeout: float = field(default=30.0, metadata={"help": "seconds in-flight requests may finish after SIGTERM before the server exits"})
+    max_request_tokens: int | None = field(default=None, metadata={"help": "most tokens one request may ask for: prompt x n + n x max_tokens; more is 400 (default: 4 x the context window; 0: no limit)"})
+    header_timeout: float = field(default=10.0, metadata={"help": "seconds a client has to send a request's line and headers, and the most an idle connection waits for its first request; then the connection is closed (0: no limit)"})
+    body_timeout: float = field(default=30.0, metadata={"help": "seconds a client has to send a request's body once its headers arrived; then 408 and the connection is closed (0: no limit)"})
+    keep_alive_timeout: float = field(default=5.0, metadata={"help": "seconds an idle keep-alive connection stays open between requests"})
+    max_connections: int | None = field(default=None, metadata={"help": "most open client connections; more are answered 503 and closed at once (default: three quarters of the open-file limit, at most 4096; 0: no limit)"})
 
 
 @dataclass
 class SecurityConfig:
     api_key: str | None = field(default=None, repr=False, metadata={"help": "require 'Authorization: Bearer <key>' on every route but /health, /healthz, /ready and the chat page"})
     api_key_file: str | None = field(default=None, metadata={"help": "file holding the API key (stripped); instead of --api-key"})
+    admin_api_key: str | None = field(default=None, repr=False, metadata={"help": "a second key, required for loadmodel and unloadmodel (a user key gets 403 there); without it those routes take the user key, as before"})
+    admin_api_key_file: str | None = field(default=None, metadata={"help": "file holding the admin API key (stripped); instead of --admin-api-key"})
     metrics_public: bool = field(default=False, metadata={"help": "serve /metrics without the API key"})
     allowed_origins: str | None = field(default=None, metadata={"help": "CORS: comma-separated origins allowed to call the API from a browser, or '*' (default: CORS off)"})
     log_prompts: bool = field(default=False, metadata={"help": "log request prompts/messages at INFO (off: logs never hold prompts or outputs)"})
@@ -109,24 +118,34 @@ class Config:
             raise ConfigError("max_num_seqs and max_num_batched_tokens must be positive")
         server = self.server
         if min(server.max_queued_requests, server.max_request_bytes, server.shutdown_timeout,
-               server.request_timeout) < 0:
-            raise ConfigError("max_queued_requests, max_request_bytes, shutdown_timeout and request_timeout may not "
-                              "be negative")
+               server.request_timeout, server.header_timeout, server.body_timeout, server.keep_alive_timeout,
+               server.max_request_tokens or 0, server.max_connections or 0) < 0:
+            raise ConfigError("max_queued_requests, max_request_bytes, max_request_tokens, max_connections and the "
+                              "timeouts may not be negative")
         if not 0 < self.server.port < 65536:
             raise ConfigError("port must be in 1..65535")
         if self.chat.chat_template and not Path(self.chat.chat_template).is_file():
             raise ConfigError(f"chat template file not found: {self.chat.chat_template}")
-        if self.security.api_key_file:
-            if self.security.api_key:
-                raise ConfigError("give --api-key or --api-key-file, not both")
-            try:
-                key = Path(self.security.api_key_file).read_text().strip()
-            except OSError as exc:
-                raise ConfigError(f"cannot read api_key_file {self.security.api_key_file}: {exc.strerror}") from None
-            if not key:
-                raise ConfigError(f"api_key_file {self.security.api_key_file} is empty")
-            self.security.api_key = key
-            self.security.api_key_file = None  # resolved: the key is in api_key now
+        security = self.security
+        security.api_key = _resolve_key(security.api_key, security.api_key_file, "api_key")
+        security.admin_api_key = _resolve_key(security.admin_api_key, security.admin_api_key_file, "admin_api_key")
+        security.api_key_file = security.admin_api_key_file = None  # resolved: the keys are in place now
+        if security.admin_api_key is not None and security.admin_api_key == security.api_key:
+            raise ConfigError("admin_api_key must differ from api_key")
+
+
+def _resolve_key(key: str | None, key_file: str | None, name: str) -> str | None:
+    if not key_file:
+        return key
+    if key:
+        raise ConfigError(f"give --{name.replace('_', '-')} or --{name.replace('_', '-')}-file, not both")
+    try:
+        key = Path(key_file).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {name}_file {key_file}: {exc.strerror}") from None
+    if not key:
+        raise ConfigError(f"{name}_file {key_file} is empty")
+    return key
 
 
 @dataclass(frozen=True)

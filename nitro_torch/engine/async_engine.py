@@ -95,7 +95,8 @@ class AsyncEngine:
         self._thread.start()
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, parent_id: str | None = None
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, parent_id: str | None = None,
+        client: str = "",
     ) -> AsyncIterator[RequestOutput]:
         """Stream the request's deltas; leaving the iteration early aborts the request.
 
@@ -103,7 +104,7 @@ class AsyncEngine:
         """
         if self._dead is not None:
             raise EngineDeadError("the engine has stopped") from self._dead
-        request = EngineCoreRequest(request_id, list(prompt_token_ids), params, parent_id)
+        request = EngineCoreRequest(request_id, list(prompt_token_ids), params, parent_id, client)
         stream = self.streams.open(request)
         self._commands.put(_Add(request))
         async for output in self.streams.follow(stream, self.abort):

@@ -49,9 +49,9 @@ class EngineClient(Protocol):
     request_metrics: RequestMetrics
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 parent_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                 parent_id: str | None = None, client: str = "") -> AsyncIterator[RequestOutput]:
         """The request's deltas; leaving the iteration early aborts it. `parent_id`: a live request with the same
-        prompt whose prefill this one shares (choices 2..n)."""
+        prompt whose prefill this one shares (choices 2..n). `client`: who sent it, for fair shares."""
         ...
 
     async def prepare(self, params: SamplingParams) -> None:

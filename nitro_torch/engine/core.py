@@ -52,7 +52,8 @@ class EngineCore:
             logger.warning("context window limited to %d tokens by the KV cache size", self.max_model_len)
         sched = config.scheduler
         self.block_manager = BlockManager(num_blocks, layout.block_size, config.cache.prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, sched.max_num_batched_tokens, sched.max_num_seqs)
+        self.scheduler = Scheduler(self.block_manager, sched.max_num_batched_tokens, sched.max_num_seqs,
+                                   fair_share=sched.fair_share, flat_batch_cost=self.device.type == "cuda")
         self.sampler = Sampler(self.device)
         self.guided = GuidedDecoder(self.tokenizer, logits_vocab_size(loaded.model), loaded.eos_token_ids,
                                     self.device)
@@ -134,7 +135,7 @@ class EngineCore:
         if params.max_tokens is not None:
             limit = min(limit, len(prompt) + params.max_tokens)
         request = Request(request_id, list(prompt), params, eos_token_ids=self.loaded.eos_token_ids,
-                          max_total_tokens=limit)
+                          max_total_tokens=limit, client=core_request.client)
         parent = self.requests.get(core_request.parent_id) if core_request.parent_id is not None else None
         if parent is not None:
             if parent.prompt_token_ids != request.prompt_token_ids:

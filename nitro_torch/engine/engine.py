@@ -49,9 +49,9 @@ class LLMEngine:
     embedding_size = property(lambda self: self.core.embedding_size)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    parent_id: str | None = None) -> Request:
+                    parent_id: str | None = None, client: str = "") -> Request:
         """Queue a request; with `parent_id` (a live request with the same prompt) it shares that prompt's KV."""
-        core_request = EngineCoreRequest(request_id, list(prompt_token_ids), params, parent_id)
+        core_request = EngineCoreRequest(request_id, list(prompt_token_ids), params, parent_id, client)
         request = self.core.add_request(core_request)
         self.processor.add(core_request, request.arrival_time)
         return request

@@ -23,6 +23,8 @@ class EngineCoreRequest(msgspec.Struct, tag="add"):
     params: SamplingParams
     parent_id: str | None = None
     """A live request with the same prompt (choice 0 of n) whose computed prompt this one shares."""
+    client: str = ""
+    """Who sent it (an API key's fingerprint or an address): steps are shared fairly between clients."""
 
 
 class FinishRequests(msgspec.Struct, tag="finish"):

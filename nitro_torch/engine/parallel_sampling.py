@@ -79,14 +79,16 @@ def choice_params(params: SamplingParams, choice: int) -> SamplingParams:
 
 
 async def generate_choices(engine: EngineClient, prompts: Sequence[list[int]], params: SamplingParams, n: int,
-                           request_id: Callable[[int], str]) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+                           request_id: Callable[[int], str],
+                           client: str = "") -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """(choice, delta) of every choice as it arrives. Choice i is choice i % n of prompt i // n, with engine request
-    id `request_id(i)`. Closing this aborts every unfinished choice."""
+    id `request_id(i)`; `client` sent them all. Closing this aborts every unfinished choice."""
     streams = []
     for i in range(len(prompts) * n):
         first = i - i % n
         parent = None if i == first else request_id(first)
-        streams.append(engine.generate(request_id(i), prompts[i // n], choice_params(params, i % n), parent_id=parent))
+        streams.append(engine.generate(request_id(i), prompts[i // n], choice_params(params, i % n), parent_id=parent,
+                                       client=client))
     async with aclosing(interleave(streams)) as merged:
         async for item in merged:
             yield item

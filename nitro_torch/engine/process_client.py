@@ -150,9 +150,9 @@ class ProcessEngineClient:
     # the EngineClient protocol ---------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       parent_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       parent_id: str | None = None, client: str = "") -> AsyncIterator[RequestOutput]:
         self._check_alive()
-        request = EngineCoreRequest(request_id, list(prompt_token_ids), params, parent_id)
+        request = EngineCoreRequest(request_id, list(prompt_token_ids), params, parent_id, client)
         stream = self.streams.open(request)
         self._send(request)
         async for output in self.streams.follow(stream, self.abort):

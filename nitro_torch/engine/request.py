@@ -45,6 +45,10 @@ class Request:
     known. The next step computes them all the same."""
     num_blocks_in_runner: int | None = None
     """How many of its blocks the runner knows; None while the runner does not hold the request."""
+    client: str = ""
+    """Who sent it (API key or address, as the server tells): the scheduler shares steps fairly between clients."""
+    last_scheduled_step: int = -1
+    """The scheduler's step count when it last ran (for taking turns within a client)."""
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

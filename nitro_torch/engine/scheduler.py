@@ -8,6 +8,9 @@ back to the front of the queue to be recomputed (its cached full blocks usually 
 What the runner gets is plain data (`StepPlan.for_runner`, a SchedulerOutput): a request in full the first time
 it is scheduled (again after a preemption), then only the blocks it gained; requests that left, once.
 
+With `fair_share`, while several clients have work, each step is shared between them (engine/fair_share.py): no
+client gets more of a step than the busiest other client asks for.
+
 Choices 2..n of one prompt are forks: they wait until choice 1 (their parent) has computed the prompt,
 then share its KV blocks and compute only the last prompt token themselves, so the prompt is prefilled once.
 """
@@ -15,10 +18,11 @@ then share its KV blocks and compute only the last prompt token themselves, so t
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from nitro_torch.engine.block_manager import BlockManager
+from nitro_torch.engine.block_manager import BlockManager, PrefixHit
+from nitro_torch.engine.fair_share import StepShares
 from nitro_torch.engine.outputs import FinishReason
 from nitro_torch.engine.request import Request, RequestStatus
 from nitro_torch.runner.scheduler_output import NewRequest, SchedulerOutput
@@ -61,8 +65,15 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int,
+                 fair_share: bool = False, flat_batch_cost: bool = False) -> None:
         self.block_manager = block_manager
+        self.fair_share = fair_share
+        self.flat_batch_cost = flat_batch_cost
+        """A step of many sequences costs about what one costs (a GPU): fair shares then keep an equal part of
+        the slots and budget for every client (engine/fair_share.py)."""
+        self.live_per_client: Counter[str] = Counter()
+        """Requests added and not finished, per client."""
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Request] = deque()
@@ -80,6 +91,7 @@ class Scheduler:
                 f"more than the whole cache holds ({self.block_manager.num_blocks * self.block_manager.block_size})"
             )
         request.status = RequestStatus.WAITING
+        self.live_per_client[request.client] += 1
         parent = request.parent
         if parent is not None and not parent.is_finished:
             if parent.num_computed_tokens < request.num_prompt_tokens:
@@ -123,8 +135,12 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         budget = self.max_num_batched_tokens
-        decodes_first = sorted(self.running, key=lambda r: r.num_tokens_with_pending - r.num_computed_tokens > 1)
-        for request in decodes_first:
+        shares = self._step_shares()
+        if shares is None:
+            order = sorted(self.running, key=lambda r: r.num_tokens_with_pending - r.num_computed_tokens > 1)
+        else:
+            order = shares.running_order(self.running)
+        for request in order:
             if budget == 0:
                 break
             if request.status is not RequestStatus.RUNNING:
@@ -132,12 +148,22 @@ class Scheduler:
             if request.num_pending_tokens and request.num_tokens_with_pending >= request.max_total_tokens:
                 continue  # its pending token is its last: it ends with it
             num_new = min(request.num_tokens_with_pending - request.num_computed_tokens, budget)
-            if not self._make_room(request, num_new, plan):
+            if shares is not None:
+                num_new = shares.grant(request.client, num_new)
+                if num_new == 0:
+                    continue  # the client has had its share of this step
+            if not self._make_room(request, num_new, plan, shares):
                 continue
             plan.scheduled.append(ScheduledRequest(request, num_new, request.num_computed_tokens))
+            if shares is not None:
+                shares.take(request.client, num_new)
+                request.last_scheduled_step = self.stats.num_steps
             budget -= num_new
         if not plan.preempted:
-            budget = self._admit_waiting(plan, budget)
+            if shares is None:
+                budget = self._admit_waiting(plan, budget)
+            else:
+                budget = self._admit_waiting_fairly(plan, budget, shares)
         if plan.scheduled:  # the runner runs no empty step: copies and leavers wait for the next one
             plan.block_copies, self.block_manager.pending_copies = self.block_manager.pending_copies, []
             plan.for_runner = self._runner_view(plan)
@@ -166,10 +192,27 @@ class Scheduler:
             self._left_runner.append(request.request_id)
             request.num_blocks_in_runner = None
 
-    def _make_room(self, request: Request, num_new: int, plan: StepPlan) -> bool:
-        """Allocate blocks for `request`, preempting newer requests if needed; False if it was preempted itself."""
+    def _step_shares(self) -> StepShares | None:
+        """This step's fair shares, or None while at most one client has work (the whole step is its)."""
+        num_clients = len(self.live_per_client)
+        if not self.fair_share or num_clients < 2:
+            return None
+        budget = self.max_num_batched_tokens
+        if self.flat_batch_cost:
+            min_seqs, min_tokens = self.max_num_seqs // num_clients, budget // num_clients
+        else:
+            min_seqs, min_tokens = 1, self.block_manager.block_size
+        return StepShares.of(self.running, self.waiting, budget, max(1, min_seqs),
+                             max(self.block_manager.block_size, min_tokens))
+
+    def _make_room(self, request: Request, num_new: int, plan: StepPlan, shares: StepShares | None = None) -> bool:
+        """Allocate blocks for `request`, preempting newer requests if needed; False if it was preempted itself.
+        Under fair shares the victim is the newest request of the client with the most running."""
         while not self.block_manager.can_allocate(request, num_new):
             victim = self.running[-1]
+            if shares is not None:
+                busiest = Counter(r.client for r in self.running).most_common(1)[0][0]
+                victim = next(r for r in reversed(self.running) if r.client == busiest)
             self._preempt(victim, plan)
             if victim is request:
                 return False
@@ -184,15 +227,54 @@ class Scheduler:
             if not self.block_manager.can_allocate(request, num_new, hit):
                 break
             self.waiting.popleft()
-            self.block_manager.record_prefix_lookup(request, hit)
-            self.block_manager.allocate(request, num_new, hit)
-            request.status = RequestStatus.RUNNING
-            if request.first_scheduled_time is None:
-                request.first_scheduled_time = time.monotonic()
-            self.running.append(request)
-            plan.scheduled.append(ScheduledRequest(request, num_new, request.num_computed_tokens))
+            self._start_running(request, num_new, hit, plan)
             budget -= num_new
         return budget
+
+    def _start_running(self, request: Request, num_new: int, hit: PrefixHit, plan: StepPlan) -> None:
+        self.block_manager.record_prefix_lookup(request, hit)
+        self.block_manager.allocate(request, num_new, hit)
+        request.status = RequestStatus.RUNNING
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = time.monotonic()
+        self.running.append(request)
+        plan.scheduled.append(ScheduledRequest(request, num_new, request.num_computed_tokens))
+
+    def _admit_waiting_fairly(self, plan: StepPlan, budget: int, shares: StepShares) -> int:
+        """`_admit_waiting` under fair shares: clients with the fewest running requests first, each within its
+        share; when every sequence slot is taken, a client with at least two more running gives up its newest."""
+        for request in shares.waiting_order(self.waiting):
+            if budget == 0:
+                break
+            hit = self.block_manager.find_prefix_hit(request)
+            num_new = shares.grant(request.client, min(request.num_tokens - hit.num_tokens, budget))
+            if num_new == 0:
+                continue
+            if len(self.running) >= self.max_num_seqs and not self._yield_slot(request.client, plan):
+                continue
+            if not self.block_manager.can_allocate(request, num_new, hit):
+                break
+            self.waiting.remove(request)
+            self._start_running(request, num_new, hit, plan)
+            shares.take(request.client, num_new)
+            shares.running[request.client] += 1
+            request.last_scheduled_step = self.stats.num_steps
+            budget -= num_new
+        return budget
+
+    def _yield_slot(self, client: str, plan: StepPlan) -> bool:
+        """Free a sequence slot for `client` by preempting the newest unscheduled request of a much busier one."""
+        shares_running = Counter(r.client for r in self.running)
+        busiest, count = shares_running.most_common(1)[0]
+        if busiest == client or count <= shares_running[client] + 1:
+            return False
+        in_step = {id(item.request) for item in plan.scheduled}
+        victim = next((r for r in reversed(self.running) if r.client == busiest and id(r) not in in_step), None)
+        if victim is None:
+            return False
+        self._preempt(victim, plan)
+        plan.preempted.remove(victim)  # a fair-share hand-over, not a shortage: admission goes on
+        return True
 
     def back_off(self) -> bool:
         """After a step ran out of device memory: halve the step's token budget (down to one block) and preempt
@@ -283,8 +365,14 @@ class Scheduler:
             self._release_forks(request)
         self.block_manager.free(request)
         self._leave_runner(request)
+        self._forget_client(request.client)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
+
+    def _forget_client(self, client: str) -> None:
+        self.live_per_client[client] -= 1
+        if self.live_per_client[client] <= 0:
+            del self.live_per_client[client]
 
     @staticmethod
     def _stop_reason(request: Request, token: int) -> FinishReason | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 import weakref
@@ -20,6 +21,7 @@ import torch
 import xgrammar as xgr
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from nitro_torch.runner.grammar_language import admits_finite_output
 from nitro_torch.runner.sequence import SequenceState
 from nitro_torch.sampling import GuidedDecoding, SamplingParamsError
 
@@ -29,6 +31,8 @@ _MAX_CACHED_GRAMMARS = 256
 _XGRAMMAR_CACHE_BYTES = 512 << 20
 """xgrammar keeps sub-results (e.g. bounded strings) across schemas; bounded so user schemas cannot grow it forever."""
 _JSON_OBJECT_SCHEMA = '{"type": "object"}'
+_WHAT = {"json_object": "JSON mode", "json_schema": "JSON schema", "regex": "regex", "ebnf": "grammar",
+         "structural_tag": "structural tag"}
 _CPP_LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 _COMPILERS: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, dict[tuple, xgr.GrammarCompiler]] = \
     weakref.WeakKeyDictionary()
@@ -45,7 +49,9 @@ def grammar_compiler(tokenizer: PreTrainedTokenizerBase, vocab_size: int,
     if compiler is None:
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                   stop_token_ids=list(stop_token_ids) or None)
-        compiler = per_tokenizer[key] = xgr.GrammarCompiler(info, cache_limit_bytes=_XGRAMMAR_CACHE_BYTES)
+        # A quarter of the cores: a big schema compiling beside the step loop must not starve its forward.
+        compiler = per_tokenizer[key] = xgr.GrammarCompiler(info, max_threads=max(1, (os.cpu_count() or 1) // 4),
+                                                            cache_limit_bytes=_XGRAMMAR_CACHE_BYTES)
     return compiler
 
 
@@ -57,7 +63,19 @@ def logits_vocab_size(model: PreTrainedModel) -> int:
 
 
 def grammar_of(guided: GuidedDecoding, param: str = "response_format") -> xgr.Grammar:
-    """The tokenizer-free grammar: cheap (about a millisecond) and enough to reject a broken spec early."""
+    """The tokenizer-free grammar (SamplingParamsError if the spec is invalid or admits no finite output).
+
+    Usually milliseconds, but a deeply nested schema takes seconds: the server runs this off its event loop
+    (server/grammar_check.py)."""
+    grammar = _build_grammar(guided, param)
+    if not admits_finite_output(str(grammar)):
+        raise SamplingParamsError(param, f"Invalid {_WHAT[guided.kind]} for '{param}': it admits no finite output "
+                                         "(every value would have to contain itself, e.g. a required "
+                                         "property whose schema is a $ref to its parent)")
+    return grammar
+
+
+def _build_grammar(guided: GuidedDecoding, param: str) -> xgr.Grammar:
     try:
         if guided.kind == "json_object":
             return xgr.Grammar.from_json_schema(_JSON_OBJECT_SCHEMA, any_whitespace=False)
@@ -72,6 +90,33 @@ def grammar_of(guided: GuidedDecoding, param: str = "response_format") -> xgr.Gr
     except (RuntimeError, ValueError, TypeError) as exc:
         raise guided_error(guided, exc, param) from None
     raise SamplingParamsError(param, f"unknown guided decoding kind {guided.kind!r}")
+
+
+def check_compiles(guided: GuidedDecoding, param: str, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Everything the engine will do with the spec, against the tokenizer's vocabulary: a spec that compiles
+    here compiles in the engine in about the same time (SamplingParamsError otherwise)."""
+    grammar = grammar_of(guided, param)
+    try:
+        checking_compiler(tokenizer).compile_grammar(grammar)  # xgrammar releases the GIL meanwhile
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise guided_error(guided, exc, param) from None
+
+
+_CHECKING_COMPILERS: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, xgr.GrammarCompiler] = \
+    weakref.WeakKeyDictionary()
+_CHECKING_LOCK = threading.Lock()
+
+
+def checking_compiler(tokenizer: PreTrainedTokenizerBase) -> xgr.GrammarCompiler:
+    """The server's compiler for checking specs: one thread per compile (so a check uses at most one core) and
+    no cache (the server keeps verdicts, not compiled grammars)."""
+    with _CHECKING_LOCK:
+        compiler = _CHECKING_COMPILERS.get(tokenizer)
+        if compiler is None:
+            info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=len(tokenizer))
+            compiler = _CHECKING_COMPILERS[tokenizer] = xgr.GrammarCompiler(info, max_threads=1,
+                                                                             cache_enabled=False)
+        return compiler
 
 
 def structural_tag_json(spec: str) -> str:
@@ -89,9 +134,7 @@ def structural_tag_json(spec: str) -> str:
 
 def guided_error(guided: GuidedDecoding, exc: Exception, param: str = "response_format") -> SamplingParamsError:
     detail = _CPP_LOCATION.sub("", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-    what = {"json_object": "JSON mode", "json_schema": "JSON schema", "regex": "regex", "ebnf": "grammar",
-            "structural_tag": "structural tag"}.get(guided.kind, guided.kind)
-    return SamplingParamsError(param, f"Invalid {what} for '{param}': {detail}")
+    return SamplingParamsError(param, f"Invalid {_WHAT.get(guided.kind, guided.kind)} for '{param}': {detail}")
 
 
 def unpack_bitmask(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:

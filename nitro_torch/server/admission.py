@@ -6,10 +6,12 @@ answers before any body is parsed or tokenized:
 * draining (`app.state.draining`, set by run_server as soon as SIGTERM/SIGINT arrives): every new request but
   the probes (`/health`, `/ready`, `/healthz`, `/metrics`) is 503 `server_draining`; requests already admitted
   finish undisturbed.
-* `--max-queued-requests`: an engine request (chat / text completions, embeddings) is admitted only while fewer than
-  that many requests wait for the engine: the engine's `num_waiting` plus the requests this layer admitted that
-  are not in the engine yet (still reading or tokenizing), less the engine's free running slots. Beyond it:
-  429 `too_many_requests` with Retry-After. 0 disables the bound.
+* `--max-queued-requests`: an engine request (chat / text completions, embeddings) is admitted once its body has
+  been read (a slow upload waits for nothing but its own bytes, which --body-timeout bounds), and only while fewer
+  than that many requests wait for the engine: the engine's `num_waiting` plus the requests this layer admitted
+  that are not in the engine yet (tokenizing), less the engine's free running slots (`queued()`, which /metrics
+  exports as `nitro:num_requests_waiting`). Beyond it: 429 `too_many_requests` with Retry-After, raised from the
+  read that completes the body. 0 disables the bound.
 * `--max-request-bytes`: a Content-Length over the limit is 413 at once; a body without (or with a lying)
   Content-Length is counted while it is read and cut off with 413 as soon as it passes the limit.
 """
@@ -17,6 +19,7 @@ answers before any body is parsed or tokenized:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -39,20 +42,19 @@ def draining_error() -> APIError:
 
 def too_large_error(limit: int) -> APIError:
     return APIError(413, f"The request body is larger than this server's limit of {limit} bytes.",
-                    type="invalid_request_error", code="request_too_large")
+                    type="invalid_request_error", code="request_too_large", headers={"Connection": "close"})
 
 
-class _BodyTooLarge(APIError):
-    """Raised from `receive` while the app reads the body: the app's APIError handler answers 413."""
+class _RefusedWhileReading(APIError):
+    """Raised from `receive` while the app reads the body: the app's APIError handler answers it."""
 
-    def __init__(self, limit: int) -> None:
-        error = too_large_error(limit)
-        super().__init__(error.status, error.message, type=error.type, code=error.code)
+    def __init__(self, error: APIError) -> None:
+        super().__init__(error.status, error.message, type=error.type, code=error.code, headers=error.headers)
 
 
 def overloaded_error(limit: int) -> APIError:
     return APIError(429, f"The server is overloaded: {limit} requests are already waiting. Retry shortly.",
-                    type="rate_limit_exceeded", code="too_many_requests")
+                    type="rate_limit_exceeded", code="too_many_requests", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 async def _send_error(send: Send, error: APIError, headers: dict[str, str] | None = None) -> None:
@@ -69,7 +71,7 @@ class AdmissionMiddleware:
         self.max_queued_requests = max_queued_requests
         self.max_request_bytes = max_request_bytes
         self.pending = 0
-        """Engine requests admitted here and not finished (in the engine or on their way to it)."""
+        """Engine requests admitted here (their body read) and not finished: in the engine or on their way to it."""
 
     def queued(self, app: Any) -> int:
         """Requests waiting for the engine, as this layer and the engine see them together."""
@@ -83,12 +85,15 @@ class AdmissionMiddleware:
         return max(0, stats.num_waiting + not_in_engine - free_slots)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app = scope.get("app")
+        state = getattr(app, "state", None)
+        if state is not None and getattr(state, "admission", None) is not self:
+            state.admission = self  # for /metrics: the waiting gauge is `queued()`
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        app = scope.get("app")
         path = scope.get("path", "").lower().rstrip("/") or "/"
-        if getattr(getattr(app, "state", None), "draining", False) and path not in PROBE_PATHS:
+        if getattr(state, "draining", False) and path not in PROBE_PATHS:
             await _send_error(send, draining_error(), {"Connection": "close"})
             return
         limit = self.max_request_bytes
@@ -103,11 +108,15 @@ class AdmissionMiddleware:
                         await _send_error(send, too_large_error(limit), {"Connection": "close"})
                         return
         queues_work = scope.get("method") == "POST" and path in ENGINE_PATHS
-        if queues_work and self.max_queued_requests > 0 and self.queued(app) >= self.max_queued_requests:
-            await _send_error(send, overloaded_error(self.max_queued_requests), {"Retry-After": str(RETRY_AFTER_S)})
-            return
-        if limit > 0:
-            receive = self._limited(receive, limit)
+        admitted = False
+
+        def admit() -> None:
+            nonlocal admitted
+            if self.max_queued_requests > 0 and self.queued(app) >= self.max_queued_requests:
+                raise _RefusedWhileReading(overloaded_error(self.max_queued_requests))
+            self.pending += 1
+            admitted = True
+
         started = False
 
         async def tracking_send(message: Message) -> None:
@@ -116,31 +125,34 @@ class AdmissionMiddleware:
                 started = True
             await send(message)
 
-        if queues_work:
-            self.pending += 1
         try:
-            await self.app(scope, receive, tracking_send)
-        except _BodyTooLarge:
+            await self.app(scope, self._reading(receive, limit, admit if queues_work else None), tracking_send)
+        except _RefusedWhileReading as refused:  # an app without the APIError handler
             if not started:
-                await _send_error(send, too_large_error(limit), {"Connection": "close"})
+                await _send_error(send, refused, refused.headers)
         finally:
-            if queues_work:
+            if admitted:
                 self.pending -= 1
 
     @staticmethod
-    def _limited(receive: Receive, limit: int) -> Receive:
+    def _reading(receive: Receive, limit: int, on_body_read: Callable[[], None] | None) -> Receive:
+        """`receive`, cutting the body off past `limit` bytes (0: none) and calling `on_body_read` once it is
+        complete."""
         received = 0
 
-        async def limited_receive() -> Message:
-            nonlocal received
+        async def reading_receive() -> Message:
+            nonlocal received, on_body_read
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > limit:
-                    raise _BodyTooLarge(limit)
+                if 0 < limit < received:
+                    raise _RefusedWhileReading(too_large_error(limit))
+                if on_body_read is not None and not message.get("more_body", False):
+                    admit, on_body_read = on_body_read, None
+                    admit()
             return message
 
-        return limited_receive
+        return reading_receive
 
 
 async def ready(request: Any) -> Any:

@@ -23,8 +23,8 @@ from nitro_torch.config import Config
 from nitro_torch.server import embeddings_api, nitro_api, openai_api, openapi, text_completions, tokenize_api, webui
 from nitro_torch.server import metrics as metrics_api
 from nitro_torch.server.admission import AdmissionMiddleware, ready
-from nitro_torch.server.errors import EXCEPTION_HANDLERS, APIError
-from nitro_torch.server.model_host import NO_MODEL, LeaseMiddleware, ModelHost, get_host
+from nitro_torch.server.errors import EXCEPTION_HANDLERS
+from nitro_torch.server.model_host import NO_MODEL, HostState, LeaseMiddleware, ModelHost, get_host
 from nitro_torch.server.request_ids import wrap_outermost
 from nitro_torch.server.security import middleware as security_middleware
 
@@ -35,16 +35,19 @@ logger = logging.getLogger("nitro_torch.server")
 
 
 async def health(request: Request) -> JSONResponse:
-    """Readiness: 200 with the engine's counters while a model serves; 503 otherwise."""
+    """Liveness: 200 with the engine's counters while a model serves, and 200 with the host's state while a
+    model is switched or none is loaded (readiness, /ready, is 503 then); 503 once the engine has stopped."""
     host = get_host(request)
-    error = host.unavailable_error()
+    error = host.liveness_error()
     if error is not None:
         raise error
     engine = host.engine
-    assert engine is not None
-    if not engine.is_alive:
-        raise APIError(503, "The inference engine has stopped.", type="server_error", code="engine_dead")
-    return JSONResponse({"status": "ok", **health_counters(engine)})
+    body: dict[str, object] = {"status": "ok"}
+    if host.state != HostState.READY:
+        body.update(state=host.state.value, model_loaded=engine is not None)
+    if engine is not None and engine.is_alive:
+        body.update(health_counters(engine))
+    return JSONResponse(body)
 
 
 def health_counters(engine: EngineClient) -> dict[str, int]:
@@ -116,6 +119,7 @@ def run_server(config: Config) -> None:
 
     With `--model none` the server starts empty and waits for POST /inferences/llamacpp/loadmodel, as Nitro did.
     """
+    from nitro_torch.server.connections import ConnectionLimits, protocol_class, throttle_accept_errors
     from nitro_torch.server.startup import announce, served_urls, start_with_progress, startup_block
 
     logging.basicConfig(level=config.server.log_level.upper(),
@@ -127,8 +131,10 @@ def run_server(config: Config) -> None:
         host.install(engine, config, owned=True)
     app = create_app(config, host=host)
     app.state.drain_on_signal = True
+    limits = ConnectionLimits.from_config(config.server)  # head/body deadlines, connection cap (connections.py)
+    throttle_accept_errors()
     server_config = uvicorn.Config(app, host=config.server.host, port=config.server.port,
-                                   log_level=config.server.log_level,
+                                   log_level=config.server.log_level, http=protocol_class(limits),
                                    timeout_graceful_shutdown=math.ceil(config.server.shutdown_timeout))
     block = startup_block(config, engine, served_urls(config.server.host, config.server.port))
     server = _AnnouncingServer(server_config, lambda: announce(block))

@@ -7,6 +7,7 @@ It is used when prefixes are configured (e.g. by Nitro's loadmodel) or when the 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,13 @@ from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from nitro_torch.config import ChatConfig
+from nitro_torch.server.control_tokens import (
+    control_token_pattern,
+    encode_marked,
+    holds_control_token,
+    mark,
+    special_token_frame,
+)
 from nitro_torch.server.errors import APIError
 from nitro_torch.server.protocol import CHAT_ROLES, ChatMessage
 
@@ -113,10 +121,13 @@ class ChatFormatter:
     tokenizer: PreTrainedTokenizerBase
     prefixes: PromptPrefixes | None = None
     """Set in prompt-prefix mode; None means the chat template is used."""
+    special_tokens_in_content: bool = False
+    """Control tokens written in messages are the tokens themselves (the old, forgeable way); off, they are text."""
 
     @classmethod
     def from_config(cls, tokenizer: PreTrainedTokenizerBase, chat: ChatConfig) -> ChatFormatter:
-        return cls(tokenizer, PromptPrefixes.from_config(chat) if uses_prompt_prefixes(tokenizer, chat) else None)
+        prefixes = PromptPrefixes.from_config(chat) if uses_prompt_prefixes(tokenizer, chat) else None
+        return cls(tokenizer, prefixes, chat.special_tokens_in_content)
 
     @property
     def extra_stop(self) -> list[str]:
@@ -134,32 +145,60 @@ class ChatFormatter:
         if reserved:
             raise APIError(400, f"'chat_template_kwargs' may not set {', '.join(reserved)}; use the request fields.",
                            param="chat_template_kwargs", code="invalid_value")
-        if self.prefixes is not None:
-            if tools:
-                raise APIError(400, "This model has no chat template, so it cannot be given tools.", param="tools",
-                               code="invalid_value")
-            text = self.prefixes.render(messages, add_generation_prompt)
-            return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        template = None if self.prefixes is not None else getattr(self.tokenizer, "chat_template", None)
+        # Only conversations that hold a control token take the marking path, so every other prompt keeps
+        # exactly the ids of the plain template.
+        pattern = control_token_pattern(self.tokenizer, template)
+        sanitize = not self.special_tokens_in_content and holds_control_token(
+            [messages, tools, template_kwargs], pattern)
         try:
-            # tools: transformers asks for a list[dict | Callable], which a list[dict[str, Any]] is not (invariance).
-            ids: Any = self.tokenizer.apply_chat_template(
-                messages, tools=tools, add_generation_prompt=add_generation_prompt,  # type: ignore[arg-type]
-                continue_final_message=continue_final_message, tokenize=True, return_dict=False,
-                **(template_kwargs or {}),
-            )
+            if self.prefixes is not None:
+                if tools:
+                    raise APIError(400, "This model has no chat template, so it cannot be given tools.",
+                                   param="tools", code="invalid_value")
+                return self._prefixed_ids(self.prefixes, messages, add_generation_prompt,
+                                          pattern if sanitize else None)
+            return self._template_ids(messages, add_generation_prompt, continue_final_message, tools,
+                                      template_kwargs or {}, pattern if sanitize else None)
         except TemplateError as exc:
             # Templates raise on conversations they refuse (e.g. roles that do not alternate).
             raise APIError(400, f"The chat template rejected the messages: {exc}", param="messages",
                            code="invalid_value") from None
         except (TypeError, ValueError) as exc:
+            # Also a control token that the tokenizer cannot spell as plain text.
             raise APIError(400, f"The chat template could not render the request: {exc}", param="messages",
                            code="invalid_value") from None
+
+    def _template_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                      continue_final_message: bool, tools: list[dict[str, Any]] | None,
+                      template_kwargs: dict[str, Any], as_text: re.Pattern[str] | None) -> list[int]:
+        """`as_text`: the control tokens to encode as text where the messages, tools or variables hold them."""
+        if as_text is not None:
+            messages, tools, template_kwargs = mark([messages, tools, template_kwargs], as_text)
+        # tools: transformers asks for a list[dict | Callable], which a list[dict[str, Any]] is not (invariance).
+        ids: Any = self.tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=add_generation_prompt,  # type: ignore[arg-type]
+            continue_final_message=continue_final_message, tokenize=as_text is None, return_dict=False,
+            **template_kwargs,
+        )
+        if as_text is not None:
+            return encode_marked(self.tokenizer, ids)
         if hasattr(ids, "keys"):
             ids = ids["input_ids"]
         ids = list(ids)
         if ids and isinstance(ids[0], list):
             ids = ids[0]
         return [int(token) for token in ids]
+
+    def _prefixed_ids(self, prefixes: PromptPrefixes, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                      as_text: re.Pattern[str] | None) -> list[int]:
+        if as_text is None:
+            text = prefixes.render(messages, add_generation_prompt)
+            return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        # The prefixes are the operator's and may hold control tokens; only the messages' own are text.
+        body = encode_marked(self.tokenizer, prefixes.render(mark(messages, as_text), add_generation_prompt))
+        before, after = special_token_frame(self.tokenizer)
+        return before + body + after
 
 
 def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage],

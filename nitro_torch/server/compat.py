@@ -39,10 +39,15 @@ CHAT = Endpoint("/v1/chat/completions", (
                                 "`model_not_found`, except for models loaded through Nitro's loadmodel, which "
                                 "answer to any name as Nitro did"),
     Field("messages", "supported", "roles system, developer (= system), user, assistant, tool; content as a string "
-                                   "or `text` parts; `image_url`/`input_audio`/`file` parts are 400 \"this model "
-                                   "does not accept images\" (or audio, files)"),
+                                   "or `text` parts, required except in assistant messages (a turn of "
+                                   "`tool_calls`); `image_url`/`input_audio`/`file` parts are 400 \"this model "
+                                   "does not accept images\" (or audio, files); control tokens written in content "
+                                   "(a template's turn markers) are plain text, so a turn cannot be forged "
+                                   "(`--special-tokens-in-content` restores the old behaviour)"),
     Field("n", "supported", "1–64; choices 2..n fork choice 1's prompt KV blocks, so the prompt is prefilled once; "
-                            "usage counts the prompt once"),
+                            "usage counts the prompt once. prompt × n + n × `max_tokens` (unset: the rest of the "
+                            "context window) must stay within `--max-request-tokens` (default: four context "
+                            "windows), else 400 `request_too_large`"),
     Field("stop", "supported", "a string or up to 16 strings; the output ends before the stop string"),
     Field("max_tokens", "supported", "deprecated by OpenAI, still honoured; default: up to the context window"),
     Field("max_completion_tokens", "supported", "wins over `max_tokens`"),
@@ -57,7 +62,8 @@ CHAT = Endpoint("/v1/chat/completions", (
     Field("seed", "supported", "same seed, same output (choice i of n uses seed + i)"),
     Field("response_format", "supported", "`text`, `json_object`, `json_schema`: constrained decoding with "
                                           "xgrammar, so the output parses (and validates) unless cut by max_tokens"),
-    Field("stream", "supported", "server-sent events ending with `data: [DONE]`"),
+    Field("stream", "supported", "server-sent events ending with `data: [DONE]`; a JSON boolean "
+                                 "(`\"yes\"` is 400)"),
     Field("stream_options", "supported", "`include_usage`; `continuous_usage_stats` (vLLM) puts usage on every "
                                          "chunk"),
     Field("user", "supported", "accepted for the client's own tracking"),
@@ -104,7 +110,8 @@ COMPLETIONS = Endpoint("/v1/completions", (
     Field("prompt", "supported", "a string, a list of strings, token ids, or a list of token-id lists; each prompt "
                                  "has its own choices"),
     Field("max_tokens", "supported", "default 16, as OpenAI"),
-    Field("n", "supported", "1–64 per prompt"),
+    Field("n", "supported", "1–64 per prompt; all prompts' choices count against `--max-request-tokens` as for "
+                            "chat"),
     Field("stop", "supported", "as for chat"),
     Field("temperature", "supported", "as for chat"),
     Field("top_p", "supported", "as for chat"),

@@ -102,6 +102,8 @@ class Completion:
     include_usage: bool = False
     continuous_usage: bool = False
     parser_factory: Callable[[], OutputParser] | None = None
+    client: str = ""
+    """Who sent it: the engine shares its steps fairly between clients."""
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
     choices: list[Choice] = field(init=False)
@@ -115,7 +117,7 @@ class Completion:
     async def outputs(self) -> AsyncGenerator[tuple[Choice, RequestOutput], None]:
         """Every choice's deltas as they come; leaving early (or a failure) aborts the unfinished choices."""
         choices = generate_choices(self.engine, [self.prompt_ids], self.params, self.n,
-                                   lambda i: self.choices[i].request_id)
+                                   lambda i: self.choices[i].request_id, self.client)
         async with aclosing(choices) as merged:
             async for index, output in merged:
                 yield self._record(self.choices[index], output), output

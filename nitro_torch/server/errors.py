@@ -8,14 +8,17 @@ from typing import Any
 
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
 
 from nitro_torch.engine.client import ContextLengthExceeded, EngineDeadError
 from nitro_torch.sampling import SamplingParamsError
 from nitro_torch.server.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger("nitro_torch.server")
+
+BODY_TIMED_OUT = "nitro_torch.body_timed_out"
+"""Scope key the connection layer (server/connections.py) sets on a request whose body missed --body-timeout."""
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -40,6 +43,7 @@ class APIError(Exception):
         type: str | None = None,
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -47,13 +51,15 @@ class APIError(Exception):
         self.type = type or _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
         self.param = param
         self.code = code
+        self.headers = headers
+        """Sent with the answer (e.g. Retry-After)."""
 
     def body(self) -> dict[str, Any]:
         info = ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
         return ErrorResponse(error=info).model_dump()
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=headers or self.headers)
 
 
 def invalid_json_error(exc: json.JSONDecodeError) -> APIError:
@@ -139,6 +145,14 @@ async def handle_engine_error(request: Request, exc: Exception) -> JSONResponse:
                     code="engine_dead").response()
 
 
+async def handle_client_disconnect(request: Request, exc: Exception) -> Response:
+    # The client left while its body was read: nothing went wrong here, and nobody is left to answer.
+    if request.scope.get(BODY_TIMED_OUT):
+        return Response(status_code=408)  # the connection layer answered, and logs these counted
+    logger.info("client disconnected before its request was served: %s %s", request.method, request.url.path)
+    return Response(status_code=499)
+
+
 async def handle_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     # The details go to the server log only: a client must never see paths or stack frames.
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
@@ -153,5 +167,6 @@ EXCEPTION_HANDLERS = {
     ContextLengthExceeded: handle_context_length_exceeded,
     EngineDeadError: handle_engine_error,
     HTTPException: handle_http_exception,
+    ClientDisconnect: handle_client_disconnect,
     Exception: handle_unexpected_error,
 }

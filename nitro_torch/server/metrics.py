@@ -11,7 +11,8 @@ model_name. Each app has its own registry.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
     from nitro_torch.server.model_host import ModelHost
 
 PREFIX = "nitro:"
+_scrape_waiting: ContextVar[Callable[[], int] | None] = ContextVar("nitro_torch_scrape_waiting", default=None)
+"""During a GET /metrics: the admission layer's count of requests waiting for the engine (`queued()`), the
+number that decides 429, so the waiting gauge shows it rather than the engine's own queue alone."""
 HISTOGRAMS = {  # snapshot attribute -> (metric name, help)
     "time_to_first_token": ("time_to_first_token_seconds", "Arrival to first generated token."),
     "inter_token_latency": ("inter_token_latency_seconds",
@@ -57,7 +61,8 @@ class NitroCollector:
         labels = ["model_name"]
         running = GaugeMetricFamily(PREFIX + "num_requests_running", "Requests running on the engine.",
                                     labels=labels)
-        waiting = GaugeMetricFamily(PREFIX + "num_requests_waiting", "Requests waiting to be scheduled.",
+        waiting = GaugeMetricFamily(PREFIX + "num_requests_waiting",
+                                    "Requests waiting for the engine (what --max-queued-requests bounds).",
                                     labels=labels)
         kv = GaugeMetricFamily(PREFIX + "kv_cache_usage_perc", "KV cache usage: used blocks / total (0-1).",
                                labels=labels)
@@ -71,7 +76,8 @@ class NitroCollector:
         if stats is not None and model is not None:
             value = [model]
             running.add_metric(value, stats.num_running)
-            waiting.add_metric(value, stats.num_waiting)
+            queued = _scrape_waiting.get()
+            waiting.add_metric(value, queued() if queued is not None else stats.num_waiting)
             total = stats.kv_blocks_total
             kv.add_metric(value, stats.kv_blocks_used / total if total else 0.0)
             queries.add_metric(value, stats.prefix_cache_query_tokens)
@@ -116,7 +122,12 @@ async def metrics(request: Request) -> Response:
     registry: CollectorRegistry | None = getattr(request.app.state, "metrics_registry", None)
     if registry is None:
         registry = request.app.state.metrics_registry = create_registry(request.app.state.host)
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    admission = getattr(request.app.state, "admission", None)
+    token = _scrape_waiting.set((lambda: admission.queued(request.app)) if admission is not None else None)
+    try:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    finally:
+        _scrape_waiting.reset(token)
 
 
 routes = [Route("/metrics", metrics, methods=["GET"])]

@@ -61,7 +61,7 @@ class RetryLaterError(APIError):
         self.headers = {"Retry-After": str(retry_after_s)}
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        return super().response({**self.headers, **(headers or {})})
+        return super().response({**(self.headers or {}), **(headers or {})})
 
 
 class ModelLoadError(Exception):
@@ -153,6 +153,8 @@ class ModelHost:
         """(model name, its engine's RequestMetrics) of every engine that has served, in order: what /metrics
         exports, so an engine that came and went between two scrapes is still counted (no engine is kept)."""
         self.state = HostState.EMPTY
+        self.lost_model: str | None = None
+        """The model a failed switch could not bring back (no model is loaded, though none was unloaded)."""
         self._switch: asyncio.Future[Any] | None = None
 
     @property
@@ -191,6 +193,21 @@ class ModelHost:
             return APIError(503, f"No model is loaded. Load one with {LOAD_ROUTE}.", code="model_not_loaded")
         return None
 
+    def liveness_error(self) -> APIError | None:
+        """Why the process needs a restart, or None. A switch and an empty host (--model none, an unload) are
+        alive: readiness alone turns traffic away then, so a long switch does not restart the pod. A stopped
+        engine that no switch is replacing, or a model lost by a failed switch, is not alive."""
+        if self.busy:
+            return None
+        if self.serving is None:
+            if self.lost_model is None:
+                return None
+            return APIError(503, "No model is loaded: a failed switch could not bring the previous model back.",
+                            type="server_error", code="model_lost")
+        if not self.serving.engine.is_alive:
+            return APIError(503, "The inference engine has stopped.", type="server_error", code="engine_dead")
+        return None
+
     def acquire(self) -> Lease:
         error = self.unavailable_error()
         if error is not None:
@@ -207,6 +224,7 @@ class ModelHost:
             raise RuntimeError("a model is already installed")
         self.serving = Serving(engine, config, owned, embedding)
         self.state = HostState.READY
+        self.lost_model = None
 
     async def load(self, config: Config, *, embedding: bool = True, cpu_threads: int | None = None) -> Serving:
         """Load `config.model` and serve it instead of the current model; raises ModelLoadError on failure.
@@ -261,9 +279,12 @@ class ModelHost:
                 traceback.clear_frames(exc.__traceback__)  # the frames hold the new model: free it first
                 await asyncio.to_thread(free_memory)
                 restored = await self._restore(previous)
+                if previous is not None and restored is None:
+                    self.lost_model = previous.config.model.model
                 raise ModelLoadError(exc, "start", restored.engine.model_name if restored else None,
                                      restored=restored is not None) from None
             self.serving = Serving(engine, config, owned=True, embedding=embedding, any_model_name=True)
+            self.lost_model = None
             logger.info("now serving %s", engine.model_name)
             return self.serving
         finally:
@@ -283,6 +304,7 @@ class ModelHost:
             assert self.serving is not None
             name = self.serving.engine.model_name
             await self._retire(self.serving)
+            self.lost_model = None
             logger.info("unloaded %s", name)
             return name
         finally:

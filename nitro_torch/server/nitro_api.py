@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -35,6 +36,14 @@ PREFIX = "/inferences/llamacpp"
 _NOT_CAUSAL = re.compile(r"Unrecognized configuration class <class '(?:[\w.]*\.)?(\w+)'> for this kind of AutoModel")
 _Text = Annotated[StrictStr, Field(max_length=100_000)]
 _Name = Annotated[StrictStr, Field(min_length=1, max_length=4096)]
+PROMPT_FIELDS = ("system_prompt", "user_prompt", "ai_prompt", "pre_prompt")
+MIN_CTX_LEN = 16
+"""One KV block, and room for the one-token warm-up of any tokenizer: below it a load would retire the serving
+model only to fail at warm-up."""
+MAX_CTX_LEN = 1 << 24
+"""Above the longest-context open models (10M tokens); the loader also refuses more than the model's own window."""
+MAX_CPU_THREADS = os.cpu_count() or 1
+"""More threads than the server has CPUs only oversubscribe them (torch.set_num_threads in the core process)."""
 
 
 class LoadModelRequest(BaseModel):
@@ -45,11 +54,11 @@ class LoadModelRequest(BaseModel):
 
     llama_model_path: _Name | None = None
     model: _Name | None = None
-    ctx_len: StrictInt | None = Field(default=None, ge=1, le=10_000_000)
-    n_parallel: StrictInt | None = Field(default=None, ge=1, le=65_536)
+    ctx_len: StrictInt | None = Field(default=None, ge=MIN_CTX_LEN, le=MAX_CTX_LEN)
+    n_parallel: StrictInt | None = Field(default=None, ge=1)  # at most the server's --max-num-seqs: to_config
     cont_batching: StrictBool | None = None
     embedding: StrictBool | None = None
-    cpu_threads: StrictInt | None = Field(default=None, ge=1, le=4096)
+    cpu_threads: StrictInt | None = Field(default=None, ge=1, le=MAX_CPU_THREADS)
     system_prompt: _Text | None = None
     user_prompt: _Text | None = None
     ai_prompt: _Text | None = None
@@ -80,8 +89,10 @@ class LoadModelRequest(BaseModel):
         config.model.served_model_name = self.model if self.llama_model_path is not None else None
         config.model.max_model_len = self.ctx_len
         config.chat = ChatConfig(system_prompt=self.system_prompt, user_prompt=self.user_prompt,
-                                 ai_prompt=self.ai_prompt, pre_prompt=self.pre_prompt)
+                                 ai_prompt=self.ai_prompt, pre_prompt=self.pre_prompt,
+                                 special_tokens_in_content=base.chat.special_tokens_in_content)  # server policy
         if self.n_parallel is not None:
+            check_n_parallel(self.n_parallel, base.scheduler.max_num_seqs)
             config.scheduler.max_num_seqs = self.n_parallel
         try:
             config.validate()
@@ -92,6 +103,15 @@ class LoadModelRequest(BaseModel):
     @property
     def ignored(self) -> list[str]:
         return sorted(self.model_extra or {})
+
+
+def check_n_parallel(n_parallel: int, ceiling: int) -> None:
+    """A load may lower the operator's --max-num-seqs, never raise it: the memory, the decode graphs and the
+    429 bound (requests wait only once every running slot is taken) were sized for it."""
+    if n_parallel > ceiling:
+        raise APIError(400, f"Invalid value for 'n_parallel': at most {ceiling} requests may run at once on this "
+                            f"server (its --max-num-seqs), not {n_parallel}.", param="n_parallel",
+                       code="invalid_value")
 
 
 async def load_model(request: Request) -> JSONResponse:
@@ -149,7 +169,7 @@ async def list_models(request: Request) -> Response:
 
 def _model_facts(serving: Serving) -> dict[str, Any]:
     engine, config = serving.engine, serving.config
-    prompts = {k: v for k, v in vars(config.chat).items() if v is not None and k != "chat_template"}
+    prompts = {k: v for k, v in vars(config.chat).items() if k in PROMPT_FIELDS and v is not None}
     return {"model": engine.model_name, "ctx_len": engine.max_model_len,
             "n_parallel": config.scheduler.max_num_seqs, "cont_batching": True, "embedding": serving.embedding,
             "device": engine.info.device, "dtype": engine.info.dtype,

@@ -22,7 +22,9 @@ from nitro_torch.server.context import (
     token_texts,
 )
 from nitro_torch.server.errors import APIError
+from nitro_torch.server.grammar_check import check_chat_grammar
 from nitro_torch.server.protocol import ChatCompletionRequest, ModelCard, ModelList
+from nitro_torch.server.request_budget import check_budget_of, client_of
 from nitro_torch.server.tools import (
     ToolCallStreamParser,
     check_tools_supported,
@@ -46,8 +48,8 @@ async def chat_completions(request: Request) -> Response:
         if params.guided is not None and tool_choice.forced:
             raise SamplingParamsError("response_format", "'response_format' cannot be combined with a forced "
                                                          "'tool_choice'; the tool's parameters define the output")
-        params.guided = tool_choice_guidance(engine.tokenizer, body.tools, tool_choice, body.parallel_tool_calls) \
-            or params.guided
+        params.guided = tool_choice_guidance(engine.tokenizer, body.tools, tool_choice, body.parallel_tool_calls,
+                                             check=False) or params.guided
     prompt_ids = formatter.prompt_ids(
         template_messages_for_tools(to_template_messages(body.messages)),
         tools=tools,
@@ -57,8 +59,12 @@ async def chat_completions(request: Request) -> Response:
     )
     params.stop.extend(s for s in formatter.extra_stop if s not in params.stop)
     check_context_length(len(prompt_ids), params.max_tokens, engine.max_model_len)
+    check_budget_of(request, [len(prompt_ids)], body.num_choices, params.max_tokens, params.min_tokens,
+                    engine.max_model_len)
+    await check_chat_grammar(engine.tokenizer, body, params, tools_forced=tools is not None and tool_choice.forced)
     await engine.prepare(params)
     completion = Completion(engine, token_texts(request, engine), prompt_ids, params, n=body.num_choices,
+                            client=client_of(request),
                             include_usage=body.include_usage, continuous_usage=body.continuous_usage,
                             parser_factory=(lambda: ToolCallStreamParser(engine.tokenizer)) if tools else None)
     return await respond(request, completion, bool(body.stream))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_serializer
+from pydantic import BaseModel, Field, StrictBool, ValidationInfo, field_validator, model_serializer, model_validator
 
 from nitro_torch.sampling import SamplingParams, SamplingParamsError
 from nitro_torch.server.response_format import guided_decoding
@@ -18,16 +18,28 @@ MAX_MESSAGES = 2048
 
 class ChatMessage(_Lenient):
     role: str
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[dict[str, Any]] | None
+    """Required, as OpenAI has it, except in assistant messages (a turn of tool calls has none)."""
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _assistant_content_may_be_absent(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("role") == "assistant" and "content" not in data:
+            return {**data, "content": None}
+        return data
+
     @field_validator("content", mode="before")
     @classmethod
-    def _content_is_text_or_parts(cls, value: Any) -> Any:
+    def _content_is_text_or_parts(cls, value: Any, info: ValidationInfo) -> Any:
         # Validated by hand so that errors point at `messages.N.content` instead of pydantic's union tags.
-        if value is None or isinstance(value, str):
+        if value is None:
+            if info.data.get("role", "assistant") != "assistant":
+                raise ValueError("content must be a string or a list of content parts, not null")
+            return value
+        if isinstance(value, str):
             return value
         if not isinstance(value, list):
             raise ValueError("content must be a string or a list of content parts")
@@ -43,7 +55,7 @@ class ChatCompletionRequest(ToolFields, SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    logprobs: bool | None = False
+    logprobs: StrictBool | None = False
     top_logprobs: int | None = None
     response_format: Any = None
     """Structured outputs (validated in response_format.py), with vLLM's extras below."""
@@ -52,8 +64,8 @@ class ChatCompletionRequest(ToolFields, SamplingFields):
     guided_choice: Any = None
     guided_grammar: Any = None
     structured_outputs: Any = None
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
     chat_template_kwargs: dict[str, Any] | None = None
     modalities: list[str] | None = None
     audio: Any = None

@@ -2,9 +2,9 @@
 
 Supported: `response_format` {"type": "text" | "json_object" | "json_schema" | "structural_tag"}, vLLM's
 `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`, and `structured_outputs` {json, regex,
-choice, grammar, json_object, structural_tag}. At most one of them may constrain a request. The spec is
-checked here without the tokenizer (about a millisecond), so a broken one is a 400 naming the field before
-any streaming starts; the engine compiles it against the vocabulary.
+choice, grammar, json_object, structural_tag}. At most one of them may constrain a request. Only the shape
+is checked here, on the event loop; the grammar itself (xgrammar can take seconds) is checked off the loop,
+with limits, by grammar_check.py, before any streaming starts; the engine then compiles it again.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from nitro_torch.runner.guided import grammar_of
 from nitro_torch.sampling import GuidedDecoding, SamplingParamsError
 
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema", "structural_tag")
@@ -27,6 +26,19 @@ def guided_decoding(
     structured_outputs: Any = None,
 ) -> GuidedDecoding | None:
     """The one structured-output constraint of a request; SamplingParamsError (param = the field) otherwise."""
+    found = constraint(response_format, guided_json, guided_regex, guided_choice, guided_grammar, structured_outputs)
+    return found[1] if found is not None else None
+
+
+def constraint(
+    response_format: Any = None,
+    guided_json: Any = None,
+    guided_regex: Any = None,
+    guided_choice: Any = None,
+    guided_grammar: Any = None,
+    structured_outputs: Any = None,
+) -> tuple[str, GuidedDecoding] | None:
+    """(the field, its constraint) of a request's one structured-output constraint, as `guided_decoding`."""
     found: list[tuple[str, GuidedDecoding]] = []
     if response_format is not None:
         guided = from_response_format(response_format)
@@ -47,9 +59,7 @@ def guided_decoding(
     if len(found) > 1:
         raise SamplingParamsError(
             found[1][0], f"'{found[0][0]}' and '{found[1][0]}' both constrain the output; give only one")
-    param, guided = found[0]
-    grammar_of(guided, param)
-    return guided
+    return found[0]
 
 
 def from_response_format(value: Any) -> GuidedDecoding | None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, StrictBool, field_validator
 
 from nitro_torch.sampling import SamplingParams, SamplingParamsError
 
@@ -16,14 +16,14 @@ MAX_N = 64
 
 
 class _Lenient(BaseModel):
-    """Unknown fields are ignored, as OpenAI does."""
+    """Unknown fields are ignored, as OpenAI does. Flags are StrictBool: OpenAI answers 400 to `"stream": "yes"`."""
 
     model_config = ConfigDict(extra="ignore")
 
 
 class StreamOptions(_Lenient):
-    include_usage: bool | None = False
-    continuous_usage_stats: bool | None = False
+    include_usage: StrictBool | None = False
+    continuous_usage_stats: StrictBool | None = False
     """vLLM's option: every chunk carries the usage so far."""
 
 
@@ -40,11 +40,11 @@ class SamplingFields(_Lenient):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     logit_bias: dict[str, float] | None = None
-    ignore_eos: bool | None = False
+    ignore_eos: StrictBool | None = False
     min_tokens: int | None = 0
-    include_stop_str_in_output: bool | None = False
-    skip_special_tokens: bool | None = True
-    stream: bool | None = False
+    include_stop_str_in_output: StrictBool | None = False
+    skip_special_tokens: StrictBool | None = True
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     n: int | None = 1

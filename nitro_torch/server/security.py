@@ -1,4 +1,8 @@
-"""Secure by default: an optional API key, CORS only when asked for, and prompt logging only when asked for.
+"""Secure by default: optional API keys, CORS only when asked for, and prompt logging only when asked for.
+
+Two kinds of key: the user key (--api-key) opens every route but the probes; the admin key (--admin-api-key),
+when set, is the only key for the model-management routes (loadmodel, unloadmodel) and opens every other route
+too. With an admin key but no user key, only the model-management routes are closed.
 
 All pure ASGI middlewares (BaseHTTPMiddleware would buffer streams). `middleware(config)` gives the list that
 `create_app` puts inside the request-id layer: CORS, then auth, then prompt logging.
@@ -30,6 +34,13 @@ INVALID_KEY_MESSAGE = (
     "Incorrect API key provided. Send the server's API key as 'Authorization: Bearer <key>' "
     "(set with --api-key or --api-key-file)."
 )
+_SEND_ADMIN_KEY = ("it needs the server's admin API key as 'Authorization: Bearer <admin key>' (set with "
+                   "--admin-api-key or --admin-api-key-file).")
+ADMIN_KEY_MESSAGE = f"The user API key cannot load or unload the model for everyone: {_SEND_ADMIN_KEY}"
+INVALID_ADMIN_KEY_MESSAGE = f"Incorrect API key provided. This route loads or unloads the model: {_SEND_ADMIN_KEY}"
+ADMIN_PATHS: tuple[str, ...] = ("/inferences/llamacpp/loadmodel", "/inferences/llamacpp/unloadmodel")
+"""Model management: matched case-insensitively (as Nitro's paths are), also below a root path or with a
+trailing slash, so no spelling that reaches the routes slips past the admin key."""
 PROMPT_FIELDS = ("messages", "prompt", "input")
 
 
@@ -46,31 +57,71 @@ def is_preflight(scope: Scope) -> bool:
             and _header(scope, b"access-control-request-method") is not None)
 
 
-class APIKeyMiddleware:
-    """401 `invalid_api_key` unless the request carries `Authorization: Bearer <key>` (constant-time compare)."""
+def is_admin_path(path: str) -> bool:
+    return path.lower().rstrip("/").endswith(ADMIN_PATHS)
 
-    def __init__(self, app: ASGIApp, api_key: str, exempt: frozenset[str] = PUBLIC_PATHS) -> None:
+
+def _bearer_token(scope: Scope) -> tuple[bool, bytes]:
+    """(whether the scheme is Bearer, the token)."""
+    scheme, _, token = (_header(scope, b"authorization") or b"").partition(b" ")
+    return scheme.lower() == b"bearer", token.strip()
+
+
+def _key_matches(token: bytes, key: bytes | None) -> bool:
+    # compare_digest even without a key or with the wrong scheme, so timing says nothing about the keys
+    return hmac.compare_digest(token, key or b"") and key is not None
+
+
+class APIKeyMiddleware:
+    """401 `invalid_api_key` unless the request carries `Authorization: Bearer <key>` (constant-time compares).
+
+    `api_key` (the user key) guards every route but the exempt ones; None leaves them open. `admin_api_key`,
+    when set, is the only key for the admin routes (a user key there: 403 `admin_key_required`) and is
+    accepted everywhere else too.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str | None, exempt: frozenset[str] = PUBLIC_PATHS,
+                 admin_api_key: str | None = None) -> None:
         self.app = app
-        self._key = api_key.encode()
+        self._key = api_key.encode() if api_key else None
+        self._admin_key = admin_api_key.encode() if admin_api_key else None
         self.exempt = exempt
 
     def authorized(self, scope: Scope) -> bool:
-        raw = _header(scope, b"authorization") or b""
-        scheme, _, token = raw.partition(b" ")
-        # compare_digest even when the scheme is wrong, so timing says nothing about the key
-        matches = hmac.compare_digest(token.strip(), self._key)
-        return scheme.lower() == b"bearer" and matches
+        is_bearer, token = _bearer_token(scope)
+        user, admin = _key_matches(token, self._key), _key_matches(token, self._admin_key)
+        return is_bearer and (user or admin)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if (scope["type"] != "http" or path in self.exempt or path.startswith(PUBLIC_PREFIXES)
-                or is_preflight(scope) or self.authorized(scope)):
+        if scope["type"] != "http" or is_preflight(scope):
             await self.app(scope, receive, send)
             return
-        logger.info("401: missing or wrong API key for %s %s", scope["method"], scope["path"])
-        response = APIError(401, INVALID_KEY_MESSAGE, type="invalid_request_error",
-                            code="invalid_api_key").response(headers={"WWW-Authenticate": "Bearer"})
-        await response(scope, receive, send)
+        if self._admin_key is not None and is_admin_path(path):
+            error = self._admin_error(scope)
+        elif self._key is None or path in self.exempt or path.startswith(PUBLIC_PREFIXES) or self.authorized(scope):
+            error = None
+        else:
+            error = _invalid_key_error()
+        if error is None:
+            await self.app(scope, receive, send)
+            return
+        logger.info("%d: %s for %s %s", error.status, error.code, scope["method"], scope["path"])
+        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+        await error.response(headers=headers)(scope, receive, send)
+
+    def _admin_error(self, scope: Scope) -> APIError | None:
+        is_bearer, token = _bearer_token(scope)
+        admin, user = _key_matches(token, self._admin_key), _key_matches(token, self._key)
+        if is_bearer and admin:
+            return None
+        if is_bearer and user:
+            return APIError(403, ADMIN_KEY_MESSAGE, type="permission_error", code="admin_key_required")
+        return _invalid_key_error(INVALID_ADMIN_KEY_MESSAGE)
+
+
+def _invalid_key_error(message: str = INVALID_KEY_MESSAGE) -> APIError:
+    return APIError(401, message, type="invalid_request_error", code="invalid_api_key")
 
 
 class PromptLogMiddleware:
@@ -130,7 +181,7 @@ def parse_origins(raw: str | None) -> list[str]:
 
 
 def middleware(config: Config) -> list[Middleware]:
-    """CORS (only with --allowed-origins), the API key (only with one set), prompt logging (only with
+    """CORS (only with --allowed-origins), the API keys (only with one set), prompt logging (only with
     --log-prompts), outermost first."""
     security = config.security
     stack: list[Middleware] = []
@@ -140,8 +191,9 @@ def middleware(config: Config) -> list[Middleware]:
         stack.append(Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                                 allow_headers=["Authorization", "Content-Type"], expose_headers=["X-Request-Id"],
                                 allow_credentials=False))
-    if security.api_key:
-        stack.append(Middleware(APIKeyMiddleware, api_key=security.api_key, exempt=exempt_paths(config)))
+    if security.api_key or security.admin_api_key:
+        stack.append(Middleware(APIKeyMiddleware, api_key=security.api_key, exempt=exempt_paths(config),
+                                admin_api_key=security.admin_api_key))
     if security.log_prompts:
         stack.append(Middleware(PromptLogMiddleware))
     return stack

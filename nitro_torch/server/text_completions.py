@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, StrictBool, field_validator
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -34,6 +34,7 @@ from nitro_torch.server.context import (
 )
 from nitro_torch.server.errors import APIError
 from nitro_torch.server.protocol import Usage
+from nitro_torch.server.request_budget import check_budget_of, client_of
 from nitro_torch.server.sampling_fields import SamplingFields
 from nitro_torch.server.streaming import DONE_EVENT, INTERNAL_ERROR_EVENT, sse_event
 
@@ -52,7 +53,7 @@ def _is_token_list(value: Any) -> bool:
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
-    echo: bool | None = False
+    echo: StrictBool | None = False
     logprobs: int | None = None
     suffix: str | None = None
     best_of: int | None = None
@@ -147,6 +148,8 @@ class TextCompletion:
     params: SamplingParams
     n: int = 1
     include_usage: bool = False
+    client: str = ""
+    """Who sent it: the engine shares its steps fairly between clients."""
     id: str = dataclasses.field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
@@ -156,7 +159,8 @@ class TextCompletion:
 
     async def outputs(self) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         """(choice index, delta) of all choices as they arrive; closing it aborts the unfinished ones."""
-        choices = generate_choices(self.engine, self.prompts, self.params, self.n, lambda i: f"{self.id}-{i}")
+        choices = generate_choices(self.engine, self.prompts, self.params, self.n, lambda i: f"{self.id}-{i}",
+                                   self.client)
         async with aclosing(choices) as merged:
             async for index, output in merged:
                 if output.finished:
@@ -231,7 +235,10 @@ async def create_completion(request: Request) -> Response:
     prompts = prompt_token_lists(engine.tokenizer, body.prompts)
     for index, ids in enumerate(prompts):
         check_prompt_fits(index, len(ids), params.max_tokens, engine.max_model_len)
-    completion = TextCompletion(engine, prompts, params, n=body.num_choices, include_usage=body.include_usage)
+    check_budget_of(request, [len(ids) for ids in prompts], body.num_choices, params.max_tokens, params.min_tokens,
+                    engine.max_model_len)
+    completion = TextCompletion(engine, prompts, params, n=body.num_choices, include_usage=body.include_usage,
+                                client=client_of(request))
     return await respond(request, completion, bool(body.stream))
 
 

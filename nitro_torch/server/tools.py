@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
 from jinja2 import Environment, meta
 from jinja2.exceptions import TemplateSyntaxError
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, StrictBool, field_validator
 
 from nitro_torch.sampling import GuidedDecoding, SamplingParamsError
 from nitro_torch.server.tool_parsers import (
@@ -63,7 +64,7 @@ class FunctionDefinition(_Lenient):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     """A JSON schema of the arguments object; absent means no arguments."""
-    strict: bool | None = None
+    strict: StrictBool | None = None
 
     @field_validator("name")
     @classmethod
@@ -99,7 +100,7 @@ class ToolFields(_Lenient):
 
     tools: list[ToolDefinition] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: StrictBool | None = None
 
     def resolved_tool_choice(self) -> ToolChoice:
         validate_tools(self.tools)
@@ -227,18 +228,41 @@ def _forcing_tag(fmt: ToolFormat, tools: list[ToolDefinition], single: bool) -> 
 
 
 def _check_enforceable(fmt: ToolFormat, guided: GuidedDecoding, tools: list[ToolDefinition]) -> None:
-    """A schema xgrammar cannot compile is the client's 400 on `tools`, naming the function."""
+    """A schema xgrammar cannot compile is the client's 400 on `tools`, naming the function (on the caller's
+    thread: the server checks through grammar_check.py instead, off its event loop)."""
     # Imported here, not at the top: protocol.py imports this module, and guided.py brings torch and xgrammar.
     from nitro_torch.runner.guided import grammar_of
 
     try:
-        grammar_of(guided)
-        return
+        grammar_of(guided, "tools")
     except SamplingParamsError as exc:
-        error = exc
+        raise _naming_the_culprit(fmt, tools, exc, lambda one: grammar_of(one, "tools")) from None
+
+
+def explain_unenforceable(tokenizer: Any, tools: list[ToolDefinition], tool_choice: ToolChoice,
+                          error: SamplingParamsError, check: Callable[[GuidedDecoding], Any]) -> SamplingParamsError:
+    """`error` (the forced calls' grammar failed `check`) reworded as a 400 on `tools` naming the function."""
+    fmt = resolve_format(tokenizer)
+    return _naming_the_culprit(fmt, _chosen(tools, tool_choice), error, check)
+
+
+def check_each_forced_tool(tokenizer: Any, tools: list[ToolDefinition], tool_choice: ToolChoice,
+                           check: Callable[[GuidedDecoding], Any]) -> None:
+    """Each function's call on its own: one whose schema admits no finite value would otherwise pass inside
+    a grammar that offers other functions, and trap the model once it starts that call."""
+    fmt = resolve_format(tokenizer)
+    for tool in _chosen(tools, tool_choice):
+        try:
+            check(_forcing_tag(fmt, [tool], single=True))
+        except SamplingParamsError as exc:
+            raise _naming_the_culprit(fmt, [tool], exc, check) from None
+
+
+def _naming_the_culprit(fmt: ToolFormat, tools: list[ToolDefinition], error: SamplingParamsError,
+                        check: Callable[[GuidedDecoding], Any]) -> SamplingParamsError:
     for tool in tools:
         try:
-            grammar_of(_forcing_tag(fmt, [tool], single=True))
+            check(_forcing_tag(fmt, [tool], single=True))
         except SamplingParamsError as exc:
             error = exc
             culprit = f"of function '{tool.function.name}' "
@@ -246,19 +270,25 @@ def _check_enforceable(fmt: ToolFormat, guided: GuidedDecoding, tools: list[Tool
     else:
         culprit = ""
     detail = str(error).split(": ", 1)[-1]
-    raise SamplingParamsError("tools", f"The 'parameters' schema {culprit}cannot be enforced: {detail}") from None
+    return SamplingParamsError("tools", f"The 'parameters' schema {culprit}cannot be enforced: {detail}")
+
+
+def _chosen(tools: list[ToolDefinition], tool_choice: ToolChoice) -> list[ToolDefinition]:
+    return [t for t in tools if tool_choice.mode == "required" or t.function.name == tool_choice.name]
 
 
 def tool_choice_guidance(tokenizer: Any, tools: list[ToolDefinition] | None, tool_choice: ToolChoice,
-                         parallel_tool_calls: bool | None = None) -> GuidedDecoding | None:
+                         parallel_tool_calls: bool | None = None, check: bool = True) -> GuidedDecoding | None:
     """For 'required' or a named function: an xgrammar structural tag that makes the output one call (several
     when parallel calls are allowed and any tool may be called) in the model's format, with arguments valid
-    under the tool's schema. Nothing is forced for 'auto' and 'none'."""
+    under the tool's schema. Nothing is forced for 'auto' and 'none'. `check` compiles it here (a 400 on
+    `tools` naming the function); the server passes False and checks off its event loop (grammar_check.py)."""
     if not tool_choice.forced or not tools:
         return None
     fmt = resolve_format(tokenizer)
-    chosen = [t for t in tools if tool_choice.mode == "required" or t.function.name == tool_choice.name]
+    chosen = _chosen(tools, tool_choice)
     single = tool_choice.mode == "function" or parallel_tool_calls is False
     guided = _forcing_tag(fmt, chosen, single)
-    _check_enforceable(fmt, guided, chosen)
+    if check:
+        _check_enforceable(fmt, guided, chosen)
     return guided

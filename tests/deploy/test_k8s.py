@@ -371,9 +371,11 @@ def exported_metric_names() -> set[str]:
         model_name = "stub"
         is_alive = True
         max_model_len = 16
+        num_live_requests = 3
+        info = type("Info", (), {"max_num_seqs": 8})()
 
         def stats(self) -> EngineStats:
-            return EngineStats(num_running=0, num_waiting=3)
+            return EngineStats(num_running=8, num_waiting=3)  # every slot taken: all 3 wait
 
     config = Config()
     try:

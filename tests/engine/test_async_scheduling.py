@@ -34,10 +34,15 @@ def params_for(request_id: str) -> SamplingParams:
                                                   ignore_eos=True))
 
 
-def run(engine: LLMEngine, abort_after: int | None = None) -> dict[str, tuple[list[int], str | None]]:
+def run(engine: LLMEngine, abort_after: int | None = None,
+        two_clients: bool = False) -> dict[str, tuple[list[int], str | None]]:
+    def client(request_id: str) -> str:
+        return "light" if two_clients and request_id in ("r2", "r5") else "heavy"
+
     for request_id, prompt in PROMPTS.items():
-        engine.add_request(request_id, prompt, params_for(request_id))
-    engine.add_request("r0-fork", PROMPTS["r0"], params_for("r0"), parent_id="r0")  # n > 1: shares r0's prefill
+        engine.add_request(request_id, prompt, params_for(request_id), client=client(request_id))
+    engine.add_request("r0-fork", PROMPTS["r0"], params_for("r0"), parent_id="r0",  # n > 1: shares r0's prefill
+                       client=client("r0"))
     tokens: dict[str, list[int]] = {}
     reasons: dict[str, str | None] = {}
     steps = 0
@@ -74,6 +79,27 @@ def test_every_request_gets_the_synchronous_tokens(tiny_model_dir: str) -> None:
     assert run(overlapped) == expected
     assert overlapped.stats().num_preemptions > 0  # 8 blocks of 16 for 9 requests: some are recomputed
     assert launches.count(True) > 10 and launches.count(False) > 0  # greedy steps overlapped, the others did not
+
+
+def test_fair_shares_between_two_clients_keep_the_synchronous_tokens(tiny_model_dir: str) -> None:
+    """Under fair shares the heavy client's requests sit out steps (and take turns); in step or overlapped, every
+    request still gets the tokens it gets first come, first served."""
+    expected = run(make_engine(tiny_model_dir, async_scheduling=False, fair_share=False), two_clients=True)
+    for async_scheduling in (False, True):
+        engine = make_engine(tiny_model_dir, async_scheduling=async_scheduling)
+        skipped = []
+        schedule = engine.scheduler.schedule
+
+        def counting_schedule():  # noqa: ANN202
+            plan = schedule()
+            scheduled = {item.request.request_id for item in plan.scheduled}
+            skipped.append(sum(r.client == "heavy" and r.request_id not in scheduled
+                               for r in engine.scheduler.running))
+            return plan
+
+        engine.scheduler.schedule = counting_schedule  # type: ignore[method-assign]
+        assert run(engine, two_clients=True) == expected
+        assert sum(skipped) >= 5, skipped  # heavy requests sat out steps while light ones ran
 
 
 def test_an_abort_while_a_step_is_in_flight_drops_its_token(tiny_model_dir: str) -> None:

@@ -155,6 +155,31 @@ def test_invalid_specs_are_sampling_params_errors(decoder, guided):
     assert ".cc:" not in str(info.value)  # no C++ source locations in client-facing messages
 
 
+@pytest.mark.parametrize("guided", [
+    GuidedDecoding("json_schema", '{"$ref": "#"}'),
+    GuidedDecoding("json_schema", '{"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}'),
+    GuidedDecoding("json_schema", '{"type": "array", "items": {"$ref": "#"}, "minItems": 1}'),
+    GuidedDecoding("ebnf", 'root ::= "(" root ")"'),
+    GuidedDecoding("ebnf", 'root ::= item\nitem ::= "x" item+'),
+])
+def test_a_grammar_without_a_finite_output_is_rejected(decoder, guided):
+    """Before, these compiled, no token was ever allowed, and the engine logged 'grammar rejected sampled token'."""
+    with pytest.raises(SamplingParamsError, match="no finite output"):
+        decoder.compile(guided)
+
+
+@pytest.mark.parametrize("guided", [
+    GuidedDecoding("json_schema", '{"type": "object", "properties": {"a": {"$ref": "#"}}}'),
+    GuidedDecoding("json_schema", '{"type": "array", "items": {"$ref": "#"}}'),
+    GuidedDecoding("json_schema", '{"anyOf": [{"$ref": "#"}, {"type": "null"}]}'),
+    GuidedDecoding("ebnf", 'root ::= "(" root ")" | "x"'),
+    GuidedDecoding("ebnf", 'root ::= ("a" root)*'),
+    GuidedDecoding("regex", "a+b?c{2,3}[x-z]*"),
+])
+def test_a_recursive_grammar_with_finite_outputs_compiles(decoder, guided):
+    assert decoder.compile(guided) is not None
+
+
 def test_structural_tag_in_both_shapes(decoder):
     schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
     legacy = {"structures": [{"begin": "<tool>", "schema": schema, "end": "</tool>"}], "triggers": ["<tool>"]}

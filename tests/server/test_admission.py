@@ -178,3 +178,81 @@ def test_ready(engine_config, real_engine):
         response = client.get("/ready")
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "model_not_loaded"
+
+
+SLOW_UPLOADS = 1000
+
+
+def _waiting_gauge(base_url: str) -> float:
+    metrics = httpx.get(base_url + "/metrics", timeout=10).text
+    return float(next(line.rsplit(" ", 1)[1] for line in metrics.splitlines()
+                      if line.startswith("nitro:num_requests_waiting{")))
+
+
+def test_slow_uploads_do_not_fill_the_queue():
+    """1,000 clients send headers and 1 of 100 body bytes: they wait for their own bytes, not for the engine, so a
+    chat is still served (not 429); the waiting gauge is the count that decides 429; the uploads get 408."""
+    import socket
+
+    from .conftest import server_process
+
+    with server_process("--max-model-len", "2048", "--kv-cache-memory", "0.1", "--max-num-seqs", "1",
+                        "--max-queued-requests", "2", "--body-timeout", "2", "--header-timeout", "30",
+                        "--log-level", "warning") as (_, base, _):
+        port = int(base.rsplit(":", 1)[1])
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n{")
+        uploads = []
+        try:
+            for _ in range(SLOW_UPLOADS):
+                sock = socket.create_connection(("127.0.0.1", port))
+                sock.sendall(head)
+                uploads.append(sock)
+            sent_at = time.monotonic()
+            reply = httpx.post(base + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2}, timeout=60)
+            assert reply.status_code == 200, reply.text
+            assert _waiting_gauge(base) == 0
+            answers: dict[bytes, int] = {}
+            for sock in uploads:
+                sock.settimeout(max(0.1, sent_at + 30 - time.monotonic()))
+                answer = b""
+                try:
+                    while chunk := sock.recv(65536):
+                        answer += chunk
+                except TimeoutError:
+                    answer = b"(still open)"
+                status = answer.split(b"\r\n", 1)[0]
+                answers[status] = answers.get(status, 0) + 1
+                if status.startswith(b"HTTP/1.1 408"):
+                    error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+                    assert error["code"] == "request_timeout" and "--body-timeout" in error["message"]
+            assert answers == {b"HTTP/1.1 408 Request Timeout": SLOW_UPLOADS}, answers
+            assert time.monotonic() - sent_at < 20
+        finally:
+            for sock in uploads:
+                sock.close()
+
+        # requests that really wait for the engine: the gauge shows them, and the 429 comes at that same number
+        body = json.dumps({"messages": HELLO, "max_tokens": 1000, "ignore_eos": True, "stream": True}).encode()
+        request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        streams = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        try:
+            for sock in streams:
+                sock.sendall(request)
+            deadline = time.monotonic() + 60
+            while _waiting_gauge(base) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _waiting_gauge(base) == 2  # one runs (--max-num-seqs 1), two wait: the bound of 2
+            refused = httpx.post(base + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2},
+                                 timeout=60)
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["message"].startswith("The server is overloaded: 2 requests")
+        finally:
+            for sock in streams:
+                sock.close()  # the server aborts them
+        deadline = time.monotonic() + 60
+        while _waiting_gauge(base) > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.post(base + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2},
+                          timeout=60).status_code == 200

@@ -1,10 +1,14 @@
 """Over real sockets (uvicorn in a thread over the real engine): the openai client works, and a client that
 goes away gets its request aborted in the engine (seen through the engine's own counters)."""
 
+import socket
+import time
+
 import httpx
 import openai
 import pytest
 
+from .conftest import server_process
 from .helpers import HELLO, is_idle, template_ids, token_counts, wait_until, wait_until_idle
 
 # ~200 decode steps take far longer on CPU than a test waits: if the request is not aborted, it is still running.
@@ -61,3 +65,21 @@ def test_non_streaming_client_disconnect_aborts(threaded_server):
                           json={"messages": HELLO, "max_tokens": 2}, timeout=60)
     assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"] == "length"
     assert wait_until(lambda: is_idle(engine.stats()))
+
+
+def test_disconnect_mid_body_is_one_short_log_line():
+    """A client that sends headers and part of its body, then leaves: one INFO line, no traceback."""
+    with server_process("--log-level", "info") as (_, base, log):
+        port = int(base.rsplit(":", 1)[1])
+        lines_before = len(log.read_text().splitlines())
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"messages\": [")
+            time.sleep(0.3)  # the server is reading the body
+        assert wait_until(lambda: "client disconnected" in log.read_text(), 10)
+        time.sleep(0.5)
+        new_lines = log.read_text().splitlines()[lines_before:]
+        assert len(new_lines) == 1, new_lines
+        assert " INFO " in new_lines[0] and "POST /v1/chat/completions" in new_lines[0]
+        assert httpx.post(base + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2},
+                          timeout=60).status_code == 200

@@ -73,6 +73,31 @@ def test_sigterm_drains_a_stream_then_exits_0():
         assert process.wait(timeout=60) == 0, log.read_text()[-4000:]
 
 
+def test_stream_open_at_the_shutdown_deadline_ends_with_an_error_event_then_done():
+    """A stream far longer than --shutdown-timeout: at the deadline it ends with a server_shutdown error event and
+    [DONE] (not a cut mid-stream), and the process still exits 0."""
+    with server_process("--max-model-len", str(LIVE_MAX_MODEL_LEN), "--kv-cache-memory", "0.1",
+                        "--shutdown-timeout", "1.5", "--log-level", "info") as (process, base, log):
+        body = {"messages": HELLO, "max_tokens": 1500, "ignore_eos": True, "stream": True}
+        lines: list[str] = []
+        signalled_at = 0.0
+        with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    lines.append(line)
+                    if len(lines) == 2:
+                        process.send_signal(signal.SIGTERM)
+                        signalled_at = time.monotonic()
+        ended_after = time.monotonic() - signalled_at
+        assert lines[-1] == "data: [DONE]"
+        error = json.loads(lines[-2][len("data: "):])["error"]
+        assert error["code"] == "server_shutdown" and error["type"] == "server_error"
+        assert all("error" not in json.loads(line[len("data: "):]) for line in lines[:-2])
+        assert 0.5 < ended_after < 2.5, ended_after
+        assert process.wait(timeout=60) == 0, log.read_text()[-4000:]
+        assert "Traceback" not in log.read_text()
+
+
 def test_model_none_is_not_ready_and_exits_0_on_sigterm():
     with server_process("--model", "none", "--shutdown-timeout", "5", "--log-level", "warning",
                         wait_healthy=False) as (process, base, log):

@@ -22,7 +22,7 @@ from starlette.testclient import TestClient
 
 from nitro_torch.config import build_config
 from nitro_torch.models.embedded import DEFAULT_MODEL_NAME
-from nitro_torch.server import model_host
+from nitro_torch.server import model_host, nitro_api
 from nitro_torch.server.app import create_app
 from nitro_torch.server.model_host import HostState, ModelHost
 
@@ -112,7 +112,8 @@ def test_load_chat_status_and_unload(server, tiny_model_dir):
     assert_error(server.get(STATUS), 409, "model_not_loaded")
     for path in ("/v1/chat/completions", NITRO_CHAT):
         assert_error(server.post(path, GREEDY), 503, "model_not_loaded")
-    assert_error(server.get("/health"), 503, "model_not_loaded")
+    assert server.get("/health").json() == {"status": "ok", "state": "empty", "model_loaded": False}  # alive
+    assert_error(server.get("/ready"), 503, "model_not_loaded")
     assert server.get("/v1/models").json() == {"object": "list", "data": []}
     healthz = server.get("/healthz")
     assert healthz.status_code == 200 and healthz.json()["model_loaded"] is False
@@ -223,7 +224,10 @@ def test_switch_drains_streams_and_turns_new_requests_away(server, tiny_model_di
         assert_error(server.post(LOAD, {"model": tiny_model_dir}), 409, "load_in_progress")
         assert_error(server.get(UNLOAD), 409, "load_in_progress")
         assert_error(server.get(STATUS), 503, "model_switching")
-        assert_error(server.get("/health"), 503, "model_switching")
+        liveness = server.get("/health")  # a long switch must not get the pod restarted...
+        assert liveness.status_code == 200, liveness.text
+        assert liveness.json()["state"] == "switching" and liveness.json()["model_loaded"] is True
+        assert_error(server.get("/ready"), 503, "model_switching")  # ...only taken out of the Service
         assert server.get("/healthz").status_code == 200
 
         gate.set()
@@ -251,6 +255,47 @@ def test_a_model_that_fails_to_start_brings_the_previous_one_back(server, tiny_m
     error = assert_error(server.post(LOAD, {"model": tiny_model_dir}), 500, "model_load_failed")
     assert "RuntimeError" in error["message"] and "was reloaded and is serving" in error["message"]
     assert_serving(server, DEFAULT_MODEL_NAME)
+
+
+def test_a_switch_that_loses_the_model_fails_liveness(server, tiny_model_dir, monkeypatch):
+    """Neither the new model nor the previous one starts: no model is loaded though none was unloaded, so
+    /health is 503 (a restart brings the start-up model back); a load that works makes it 200 again."""
+    async def failing_warm_up(engine) -> None:
+        raise RuntimeError("forward pass failed")
+
+    def failing_restore(config):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(model_host, "warm_up", failing_warm_up)
+    monkeypatch.setattr(model_host, "start_engine_client", failing_restore)
+    error = assert_error(server.post(LOAD, {"model": tiny_model_dir}), 500, "model_load_failed")
+    assert "No model is loaded now" in error["message"]
+    assert_error(server.get("/health"), 503, "model_lost")
+    assert_error(server.get("/ready"), 503, "model_not_loaded")
+    monkeypatch.undo()
+    assert server.post(LOAD, {"model": tiny_model_dir}).status_code == 200
+    assert server.get("/health").status_code == 200 and server.get("/ready").status_code == 200
+
+
+def test_loadmodel_numbers_are_bounded(server, tiny_model_dir):
+    """n_parallel above the server's --max-num-seqs would lift the 429 bound (requests wait only once every
+    running slot is taken); the other numbers have sane ranges too. Each is a 400 naming the field, before
+    anything is loaded."""
+    ceiling = server.host.base_config.scheduler.max_num_seqs
+    cpus = os.cpu_count() or 1
+    for field, value in [("n_parallel", 65_536), ("n_parallel", ceiling + 1), ("n_parallel", 0),
+                         ("ctx_len", nitro_api.MIN_CTX_LEN - 1), ("ctx_len", nitro_api.MAX_CTX_LEN + 1),
+                         ("ctx_len", 10**30), ("cpu_threads", cpus + 1), ("cpu_threads", 0)]:
+        error = assert_error(server.post(LOAD, {"model": tiny_model_dir, field: value}), 400, "invalid_value",
+                             param=field)
+        assert field in error["message"], error
+    assert str(ceiling) in server.post(LOAD, {"model": tiny_model_dir, "n_parallel": 65_536}).json()["error"]["message"]
+    assert_serving(server, DEFAULT_MODEL_NAME)
+    at_bounds = server.post(LOAD, {"model": tiny_model_dir, "n_parallel": ceiling, "ctx_len": nitro_api.MIN_CTX_LEN,
+                                   "cpu_threads": cpus})
+    assert at_bounds.status_code == 200, at_bounds.text
+    assert (at_bounds.json()["n_parallel"], at_bounds.json()["ctx_len"]) == (ceiling, nitro_api.MIN_CTX_LEN)
+    assert at_bounds.json()["prompt_template"] is None  # only the prompts, not the server's chat policy
 
 
 def test_starting_without_a_model(tiny_model_dir, monkeypatch):

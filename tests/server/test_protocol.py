@@ -114,3 +114,72 @@ def test_logit_bias_keys_are_token_id_strings():
     with pytest.raises(SamplingParamsError) as info:
         parse(logit_bias={"3": 101}).to_sampling_params()
     assert info.value.param == "logit_bias"
+
+
+# ---- through HTTP: what OpenAI answers 400 to ---------------------------------------------------------------
+
+CHAT = "/v1/chat/completions"
+TOOL_CALL = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{\"a\": 1}"}}
+
+
+def error_of(response) -> dict:
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    return error
+
+
+@pytest.mark.parametrize("path, fields, param", [
+    (CHAT, {"stream": "yes"}, "stream"),
+    (CHAT, {"stream": "true"}, "stream"),
+    (CHAT, {"stream": 1}, "stream"),
+    (CHAT, {"logprobs": "yes"}, "logprobs"),
+    (CHAT, {"ignore_eos": "on"}, "ignore_eos"),
+    (CHAT, {"skip_special_tokens": 0}, "skip_special_tokens"),
+    (CHAT, {"include_stop_str_in_output": "no"}, "include_stop_str_in_output"),
+    (CHAT, {"add_generation_prompt": "no"}, "add_generation_prompt"),
+    (CHAT, {"continue_final_message": "yes"}, "continue_final_message"),
+    (CHAT, {"parallel_tool_calls": "false"}, "parallel_tool_calls"),
+    (CHAT, {"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+    ("/v1/completions", {"stream": "yes"}, "stream"),
+])
+def test_flags_must_be_json_booleans(client, path, fields, param):
+    body = {"messages": USER_HELLO} if path == CHAT else {"prompt": "Hello"}
+    error = error_of(client.post(path, json={**body, "max_tokens": 1, **fields}))
+    assert error["param"] == param and "boolean" in error["message"]
+
+
+@pytest.mark.parametrize("messages, code", [
+    ([{"role": "user"}], "missing_required_parameter"),
+    ([{"role": "user", "content": None}], "invalid_value"),
+    ([{"role": "system"}, *USER_HELLO], "missing_required_parameter"),
+    ([{"role": "developer", "content": None}, *USER_HELLO], "invalid_value"),
+])
+def test_messages_other_than_the_assistants_need_content(client, messages, code):
+    error = error_of(client.post(CHAT, json={"messages": messages, "max_tokens": 1}))
+    assert error["param"] == "messages.0.content" and error["code"] == code
+
+
+def test_a_tool_message_needs_content(client):
+    messages = [*USER_HELLO, {"role": "assistant", "tool_calls": [TOOL_CALL]}, {"role": "tool", "tool_call_id": "c1"}]
+    assert error_of(client.post(CHAT, json={"messages": messages, "max_tokens": 1}))["param"] == "messages.2.content"
+
+
+@pytest.mark.parametrize("assistant", [
+    {"role": "assistant", "tool_calls": [TOOL_CALL]},
+    {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
+])
+def test_assistant_tool_calls_without_content_are_accepted(client, assistant):
+    messages = [*USER_HELLO, assistant, {"role": "tool", "content": "2", "tool_call_id": "c1"}]
+    assert client.post(CHAT, json={"messages": messages, "max_tokens": 1}).status_code == 200
+
+
+@pytest.mark.parametrize("path", [CHAT, "/inferences/llamacpp/chat_completion"])
+def test_real_booleans_and_nitros_own_fields_are_accepted(client, path):
+    response = client.post(path, json={
+        "messages": USER_HELLO, "max_tokens": 2, "stream": False, "logprobs": False, "ignore_eos": True,
+        "min_tokens": 1, "skip_special_tokens": True, "include_stop_str_in_output": False,
+        "add_generation_prompt": True, "continue_final_message": False, "stream_options": None,
+        "parallel_tool_calls": None, "engine": "cortex.llamacpp", "stop": ["USER:"], "model": ""})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 2

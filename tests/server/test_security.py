@@ -198,6 +198,109 @@ def test_openai_client_wrong_and_right_key(keyed_server):
     assert chunks
 
 
+# --- the admin key: only it loads or unloads the model --------------------------------------------------------
+
+ADMIN_KEY = "sk-admin-fedcba9876543210"
+CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+UNLOAD = "/inferences/llamacpp/unloadmodel"
+LOAD = "/inferences/llamacpp/loadmodel"
+
+
+def assert_admin_key_required(response) -> None:
+    assert response.status_code == 403, response.text
+    error = response.json()["error"]
+    assert error["type"] == "permission_error" and error["code"] == "admin_key_required"
+    assert "--admin-api-key" in error["message"]
+    assert KEY not in response.text and ADMIN_KEY not in response.text
+
+
+def test_user_key_cannot_unload_the_model(real_engine):
+    """A real server with both keys: every spelling of unloadmodel / loadmodel refuses the user key (403) and
+    a missing or wrong key (401), the model serves on; the admin key works there and on the user routes."""
+    import httpx
+
+    with serving(create_app(make_config(api_key=KEY, admin_api_key=ADMIN_KEY), real_engine)) as url:
+        def call(method: str, path: str, key: str | None, **kwargs) -> httpx.Response:
+            return httpx.request(method, url + path, headers=bearer(key) if key else {}, timeout=60, **kwargs)
+
+        for method, path in [("GET", UNLOAD), ("POST", UNLOAD), ("GET", "/inferences/llamacpp/unloadModel"),
+                             ("GET", "/INFERENCES/LLAMACPP/UNLOADMODEL"), ("GET", UNLOAD + "/"),
+                             ("POST", "/inferences/llamacpp/loadModel")]:
+            body = {"json": {"model": "default"}} if method == "POST" else {}
+            assert_admin_key_required(call(method, path, KEY, **body))
+            assert_invalid_key(call(method, path, None, **body))
+            assert_invalid_key(call(method, path, WRONG, **body))
+            assert_invalid_key(httpx.request(method, url + path, headers={"Authorization": f"Basic {ADMIN_KEY}"},
+                                             timeout=60, **body))
+        assert real_engine.is_alive
+        assert call("POST", "/v1/chat/completions", KEY, json=CHAT).status_code == 200  # still serving
+        assert call("GET", "/ready", None).status_code == 200
+        assert call("POST", "/v1/chat/completions", ADMIN_KEY, json=CHAT).status_code == 200  # admin: user routes
+        assert call("GET", "/v1/models", ADMIN_KEY).status_code == 200
+        assert_invalid_key(call("POST", "/v1/chat/completions", None, json=CHAT))
+        bad_load = call("POST", LOAD, ADMIN_KEY, json={"n_parallel": 1})  # past the key check: the body's fault
+        assert bad_load.status_code == 400 and bad_load.json()["error"]["param"] == "llama_model_path"
+        unloaded = call("POST", UNLOAD, ADMIN_KEY)
+        assert unloaded.status_code == 200 and unloaded.json()["model"] == real_engine.model_name
+        assert call("POST", "/v1/chat/completions", KEY, json=CHAT).json()["error"]["code"] == "model_not_loaded"
+
+
+def test_admin_key_alone_closes_only_model_management(make_client):
+    """--admin-api-key without --api-key: the user routes stay open, model management needs the admin key."""
+    client = make_client(admin_api_key=ADMIN_KEY)
+    assert client.get("/v1/models").status_code == 200
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+    for path in (UNLOAD, "/inferences/llamacpp/UnloadModel"):
+        assert_invalid_key(client.get(path))
+        assert_invalid_key(client.get(path, headers=bearer(WRONG)))
+    assert "admin API key" in client.get(UNLOAD).json()["error"]["message"]
+    assert client.post(LOAD, headers=bearer(ADMIN_KEY), json={}).json()["error"]["param"] == "llama_model_path"
+    assert client.get("/v1/models").status_code == 200  # nothing was unloaded
+
+
+def test_without_an_admin_key_the_user_key_manages_models(make_client):
+    client = make_client(api_key=KEY)
+    assert_invalid_key(client.get(UNLOAD))
+    assert client.post(LOAD, headers=bearer(KEY), json={}).json()["error"]["param"] == "llama_model_path"
+
+
+def test_admin_key_file_and_env_on_a_real_server(tmp_path, tiny_model_dir, monkeypatch):
+    """`nitro-torch serve` as a user runs it: the admin key from --admin-api-key-file (user key from the
+    environment), then from NITRO_ADMIN_API_KEY (user key from --api-key-file)."""
+    import httpx
+
+    from .conftest import server_process
+
+    admin_file, user_file = tmp_path / "admin-key", tmp_path / "user-key"
+    admin_file.write_text(f"{ADMIN_KEY}\n")
+    user_file.write_text(f"  {KEY}\n")
+    common = ("--model", "none", "--device", "cpu", "--kv-cache-memory", "0.1", "--log-level", "warning")
+
+    monkeypatch.setenv("NITRO_API_KEY", KEY)
+    with server_process(*common, "--admin-api-key-file", str(admin_file)) as (_, url, log):
+        def call(method: str, path: str, key: str | None, **kwargs) -> httpx.Response:
+            return httpx.request(method, url + path, headers=bearer(key) if key else {}, timeout=120, **kwargs)
+
+        assert_admin_key_required(call("POST", LOAD, KEY, json={"model": tiny_model_dir}))
+        loaded = call("POST", LOAD, ADMIN_KEY, json={"model": tiny_model_dir})
+        assert loaded.status_code == 200, loaded.text
+        assert call("POST", "/v1/chat/completions", KEY, json=CHAT).status_code == 200
+        assert_admin_key_required(call("GET", UNLOAD, KEY))
+        assert_invalid_key(call("GET", UNLOAD, None))
+        assert call("POST", "/v1/chat/completions", KEY, json=CHAT).status_code == 200  # the model serves on
+        assert call("GET", UNLOAD, ADMIN_KEY).status_code == 200
+        assert KEY not in log.read_text() and ADMIN_KEY not in log.read_text()
+    monkeypatch.delenv("NITRO_API_KEY")
+
+    monkeypatch.setenv("NITRO_ADMIN_API_KEY", ADMIN_KEY)
+    with server_process(*common, "--api-key-file", str(user_file)) as (_, url, _log):
+        assert_admin_key_required(httpx.get(url + UNLOAD, headers=bearer(KEY), timeout=60))
+        not_loaded = httpx.get(url + UNLOAD, headers=bearer(ADMIN_KEY), timeout=60)  # past the key check
+        assert not_loaded.status_code == 409 and not_loaded.json()["error"]["code"] == "model_not_loaded"
+        assert_invalid_key(httpx.get(url + "/v1/models", timeout=60))
+        assert httpx.get(url + "/v1/models", headers=bearer(ADMIN_KEY), timeout=60).status_code == 200
+
+
 # --- CORS ---------------------------------------------------------------------------------------------------
 
 def test_cors_off_by_default(make_client):
