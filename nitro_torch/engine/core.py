@@ -53,7 +53,8 @@ class EngineCore:
         sched = config.scheduler
         self.block_manager = BlockManager(num_blocks, layout.block_size, config.cache.prefix_caching)
         self.scheduler = Scheduler(self.block_manager, sched.max_num_batched_tokens, sched.max_num_seqs,
-                                   fair_share=sched.fair_share, flat_batch_cost=self.device.type == "cuda")
+                                   fair_share=sched.fair_share, flat_batch_cost=self.device.type == "cuda",
+                                   fair_share_hold_s=sched.fair_share_hold)
         self.sampler = Sampler(self.device)
         self.guided = GuidedDecoder(self.tokenizer, logits_vocab_size(loaded.model), loaded.eos_token_ids,
                                     self.device)

@@ -12,6 +12,10 @@ many sequences costs little more than a step of one (a GPU at decode), more sequ
 so there every client may also have an equal part of the sequence slots and of the token budget
 (`flat_batch_cost`), whatever the others ask for.
 
+A client's share outlives its last request by `hold_s` (anticipation, as disk schedulers wait for the next read
+of the process they just served): a chat user or an agent loop sends its next request within moments, and it then
+finds the heavy client already held to its share instead of waiting behind a step of all its sequences.
+
 Requests of a client that is over its share simply sit out the step with their KV blocks kept; the waiting queue
 is served client by client (fewest running first), and when every sequence slot is taken, the busiest client
 gives up its newest request to a client that has fewer.
@@ -19,8 +23,9 @@ gives up its newest request to a client that has fewer.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, zip_longest
 from typing import Protocol, TypeVar
@@ -54,6 +59,34 @@ def _caps(demand: Counter[str], floor: int) -> dict[str, int]:
     second = top[1][1] if len(top) > 1 else 0
     busiest = top[0][0] if top else None
     return {client: max(floor, second if client == busiest else largest) for client in demand}
+
+
+class ClientTracker:
+    """Requests added and not finished, per client, and the clients whose share is still held after their last."""
+
+    def __init__(self, hold_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.live: Counter[str] = Counter()
+        self.hold_s = hold_s
+        self.clock = clock
+        self._held_until: dict[str, float] = {}
+
+    def add(self, client: str) -> None:
+        self.live[client] += 1
+
+    def remove(self, client: str) -> None:
+        self.live[client] -= 1
+        if self.live[client] <= 0:
+            del self.live[client]
+            if self.hold_s > 0:
+                self._held_until[client] = self.clock() + self.hold_s
+
+    def num_active(self) -> int:
+        """Clients with requests, and those whose share is still held."""
+        if not self._held_until:
+            return len(self.live)
+        now = self.clock()
+        self._held_until = {c: until for c, until in self._held_until.items() if until > now and c not in self.live}
+        return len(self.live) + len(self._held_until)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from nitro_torch.engine.block_manager import BlockManager, PrefixHit
-from nitro_torch.engine.fair_share import StepShares
+from nitro_torch.engine.fair_share import ClientTracker, StepShares
 from nitro_torch.engine.outputs import FinishReason
 from nitro_torch.engine.request import Request, RequestStatus
 from nitro_torch.runner.scheduler_output import NewRequest, SchedulerOutput
@@ -66,14 +66,13 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int,
-                 fair_share: bool = False, flat_batch_cost: bool = False) -> None:
+                 fair_share: bool = False, flat_batch_cost: bool = False, fair_share_hold_s: float = 0.0) -> None:
         self.block_manager = block_manager
         self.fair_share = fair_share
         self.flat_batch_cost = flat_batch_cost
         """A step of many sequences costs about what one costs (a GPU): fair shares then keep an equal part of
         the slots and budget for every client (engine/fair_share.py)."""
-        self.live_per_client: Counter[str] = Counter()
-        """Requests added and not finished, per client."""
+        self.clients = ClientTracker(fair_share_hold_s)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Request] = deque()
@@ -91,7 +90,7 @@ class Scheduler:
                 f"more than the whole cache holds ({self.block_manager.num_blocks * self.block_manager.block_size})"
             )
         request.status = RequestStatus.WAITING
-        self.live_per_client[request.client] += 1
+        self.clients.add(request.client)
         parent = request.parent
         if parent is not None and not parent.is_finished:
             if parent.num_computed_tokens < request.num_prompt_tokens:
@@ -194,8 +193,8 @@ class Scheduler:
 
     def _step_shares(self) -> StepShares | None:
         """This step's fair shares, or None while at most one client has work (the whole step is its)."""
-        num_clients = len(self.live_per_client)
-        if not self.fair_share or num_clients < 2:
+        num_clients = self.clients.num_active() if self.fair_share else 0
+        if num_clients < 2 or not self.clients.live:
             return None
         budget = self.max_num_batched_tokens
         if self.flat_batch_cost:
@@ -365,14 +364,9 @@ class Scheduler:
             self._release_forks(request)
         self.block_manager.free(request)
         self._leave_runner(request)
-        self._forget_client(request.client)
+        self.clients.remove(request.client)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
-
-    def _forget_client(self, client: str) -> None:
-        self.live_per_client[client] -= 1
-        if self.live_per_client[client] <= 0:
-            del self.live_per_client[client]
 
     @staticmethod
     def _stop_reason(request: Request, token: int) -> FinishReason | None:

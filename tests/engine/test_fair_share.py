@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 from nitro_torch.engine.block_manager import BlockManager
+from nitro_torch.engine.fair_share import ClientTracker
 from nitro_torch.engine.outputs import FinishReason
 from nitro_torch.engine.request import Request
 from nitro_torch.engine.scheduler import Scheduler, StepPlan
@@ -54,7 +55,7 @@ def test_a_light_client_runs_beside_one_heavy_sequence_and_the_heavy_client_gets
         assert per_client(plan) == {"light": (1, 1), "heavy": (1, 1)}
     assert len(plans) == 4  # the light request is never held back
     assert per_client(step(sched)[0]) == {"heavy": (8, 8)}
-    assert not sched.live_per_client.get("light")
+    assert not sched.clients.live.get("light")
 
 
 def test_the_heavy_clients_requests_take_turns_while_it_is_capped() -> None:
@@ -121,7 +122,7 @@ def test_when_every_slot_is_taken_the_busiest_client_gives_one_up() -> None:
     plans = run_to_completion(sched)
     assert all(len(p.scheduled) <= 4 for p in plans)
     assert all(r.num_output_tokens == 30 for r in heavy) and light.num_output_tokens == 3
-    assert not sched.live_per_client
+    assert not sched.clients.live
 
 
 def run(sched: Scheduler, arrivals: dict[int, list[Request]], model: Model) -> None:
@@ -155,9 +156,26 @@ def test_random_clients_get_the_same_tokens_as_first_come_first_served_and_nothi
             run(sched, arrivals, model)
             check_invariants(sched)
             assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
-            assert not sched.live_per_client and not sched.running and not sched.waiting
+            assert not sched.clients.live and not sched.running and not sched.waiting
             outputs.append({r.request_id: r.output_token_ids for r in requests})
         assert outputs[0] == outputs[1]
+
+
+def test_a_clients_share_is_held_for_a_moment_after_its_last_request() -> None:
+    """Anticipation: the light client's next chat finds the heavy client still held to its share, not running a
+    step of all its sequences; once the hold passes, the heavy client has the whole step again."""
+    now = [100.0]
+    sched = fair_scheduler()
+    sched.clients = ClientTracker(hold_s=2.0, clock=lambda: now[0])
+    heavy_running(sched)
+    light = client_request("light", "light", max_tokens=2)
+    sched.add(light)
+    while not light.is_finished:
+        step(sched)
+    now[0] += 1.5
+    assert per_client(step(sched)[0]) == {"heavy": (1, 1)}  # held: the light client may be back at any moment
+    now[0] += 1.0
+    assert per_client(step(sched)[0]) == {"heavy": (8, 8)}
 
 
 def test_an_aborted_request_leaves_its_clients_count() -> None:
@@ -167,4 +185,4 @@ def test_an_aborted_request_leaves_its_clients_count() -> None:
     assert sched._step_shares() is not None
     for request in heavy:
         sched.finish(request, FinishReason.ABORT)
-    assert dict(sched.live_per_client) == {"light": 1} and sched._step_shares() is None  # alone again: uncapped
+    assert dict(sched.clients.live) == {"light": 1} and sched._step_shares() is None  # alone again: uncapped
