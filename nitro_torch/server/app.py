@@ -119,7 +119,12 @@ def run_server(config: Config) -> None:
 
     With `--model none` the server starts empty and waits for POST /inferences/llamacpp/loadmodel, as Nitro did.
     """
-    from nitro_torch.server.connections import ConnectionLimits, protocol_class, throttle_accept_errors
+    from nitro_torch.server.connections import (
+        ConnectionLimits,
+        protocol_class,
+        raise_open_file_limit,
+        throttle_accept_errors,
+    )
     from nitro_torch.server.startup import announce, served_urls, start_with_progress, startup_block
 
     logging.basicConfig(level=config.server.log_level.upper(),
@@ -131,6 +136,7 @@ def run_server(config: Config) -> None:
         host.install(engine, config, owned=True)
     app = create_app(config, host=host)
     app.state.drain_on_signal = True
+    raise_open_file_limit()
     limits = ConnectionLimits.from_config(config.server)  # head/body deadlines, connection cap (connections.py)
     throttle_accept_errors()
     server_config = uvicorn.Config(app, host=config.server.host, port=config.server.port,

@@ -44,6 +44,20 @@ def open_file_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else soft
 
 
+def raise_open_file_limit() -> None:
+    """Lift the soft open-file limit to the hard one, as Go's runtime does at start-up: the soft default (often
+    1024) is a relic of select(), and each connection holds a descriptor. The connection cap follows it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard or soft == resource.RLIM_INFINITY:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # e.g. macOS caps it below an unlimited hard limit
+        logger.debug("could not raise the open-file limit from %d: %s", soft, exc)
+        return
+    logger.info("open-file limit raised from %d to %s", soft, "unlimited" if hard == resource.RLIM_INFINITY else hard)
+
+
 def auto_max_connections() -> int:
     """Three quarters of the open-file limit (the rest is for the model, the engine, the log and refusals),
     at most 4096."""

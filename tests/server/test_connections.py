@@ -30,14 +30,16 @@ SILENT_SOCKETS = 300
 
 
 @contextmanager
-def serve(*options: str, fd_limit: int | None = None) -> Iterator[tuple[subprocess.Popen, str, int, Path]]:
-    """`nitro-torch serve` (under `ulimit -n fd_limit` when given); yields (process, base URL, port, log)."""
+def serve(*options: str, fd_limit: int | None = None,
+          hard_fd_limit: int | None = None) -> Iterator[tuple[subprocess.Popen, str, int, Path]]:
+    """`nitro-torch serve` (under `ulimit -n fd_limit`, hard limit `hard_fd_limit` or the same, when given);
+    yields (process, base URL, port, log)."""
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="nitro-conn-", suffix=".log", delete=False)
 
     def limit_descriptors() -> None:
         if fd_limit is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, hard_fd_limit or fd_limit))
 
     command = [sys.executable, "-m", "nitro_torch.cli", "serve", "--port", str(port), "--max-model-len",
                str(LIVE_MAX_MODEL_LEN), "--kv-cache-memory", "0.1", "--log-level", "info", *options]
@@ -176,6 +178,17 @@ def test_slowloris_head_is_closed_at_the_header_deadline(low_fd_server, after_a_
     assert closed_after is not None, "the server kept a trickling head open"
     assert HEADER_TIMEOUT_S - 0.1 <= closed_after < HEADER_TIMEOUT_S + 2.0, closed_after
     assert _chat(base).status_code == 200
+
+
+def test_the_soft_open_file_limit_is_raised_to_the_hard_one():
+    """A soft limit of 256 under a higher hard one (a common login default is 1024 / 4096+): the server lifts it,
+    so the connection cap (three quarters of it) is not set by a relic of select()."""
+    hard = min(4096, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    with serve(fd_limit=FD_LIMIT, hard_fd_limit=hard) as (process, _, _, log):
+        limits = Path(f"/proc/{process.pid}/limits").read_text().splitlines()
+        [line] = [line for line in limits if line.startswith("Max open files")]
+        assert line.split()[3:5] == [str(hard), str(hard)]
+        assert f"open-file limit raised from {FD_LIMIT} to {hard}" in log.read_text()
 
 
 def test_over_max_connections_is_503_and_closed():
