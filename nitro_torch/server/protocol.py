@@ -103,8 +103,10 @@ class ChatCompletionRequest(ToolFields, SamplingFields):
             if exc.param == "max_tokens" and max_tokens_param != "max_tokens":
                 raise SamplingParamsError(max_tokens_param, str(exc).replace("max_tokens", max_tokens_param)) from None
             raise
-        params.guided = guided_decoding(self.response_format, self.guided_json, self.guided_regex,
-                                        self.guided_choice, self.guided_grammar, self.structured_outputs)
+        params.guided = guided_decoding(
+            response_format=self.response_format, guided_json=self.guided_json, guided_regex=self.guided_regex,
+            guided_choice=self.guided_choice, guided_grammar=self.guided_grammar,
+            structured_outputs=self.structured_outputs)
         return params
 
 

@@ -17,16 +17,9 @@ from nitro_torch.sampling import GuidedDecoding, SamplingParamsError
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema", "structural_tag")
 
 
-def guided_decoding(
-    response_format: Any = None,
-    guided_json: Any = None,
-    guided_regex: Any = None,
-    guided_choice: Any = None,
-    guided_grammar: Any = None,
-    structured_outputs: Any = None,
-) -> GuidedDecoding | None:
-    """The one structured-output constraint of a request; SamplingParamsError (param = the field) otherwise."""
-    found = constraint(response_format, guided_json, guided_regex, guided_choice, guided_grammar, structured_outputs)
+def guided_decoding(**fields: Any) -> GuidedDecoding | None:
+    """The one structured-output constraint of a request (fields as `constraint` takes them), or None."""
+    found = constraint(**fields)
     return found[1] if found is not None else None
 
 
@@ -38,7 +31,8 @@ def constraint(
     guided_grammar: Any = None,
     structured_outputs: Any = None,
 ) -> tuple[str, GuidedDecoding] | None:
-    """(the field, its constraint) of a request's one structured-output constraint, as `guided_decoding`."""
+    """(the field, its constraint) of a request's one structured-output constraint, or None; SamplingParamsError
+    (param = the field) when a field is invalid or two constrain the output."""
     found: list[tuple[str, GuidedDecoding]] = []
     if response_format is not None:
         guided = from_response_format(response_format)

@@ -10,7 +10,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,13 +143,15 @@ def threaded_server(engine_config, real_engine) -> Iterator[RunningServer]:
 
 
 @contextmanager
-def server_process(*options: str, wait_healthy: bool = True) -> Iterator[tuple[subprocess.Popen, str, Path]]:
+def server_process(*options: str, wait_healthy: bool = True,
+                   preexec_fn: Callable[[], None] | None = None) -> Iterator[tuple[subprocess.Popen, str, Path]]:
     """`nitro-torch serve` on a free port with `options`; yields (process, base URL, log file), once /health
     answers unless `wait_healthy` is False; stops it after (SIGTERM, then SIGKILL after 30 s)."""
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="nitro-serve-", suffix=".log", delete=False)
     command = [sys.executable, "-m", "nitro_torch.cli", "serve", "--port", str(port), *options]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ},
+                               preexec_fn=preexec_fn)
     base_url = f"http://127.0.0.1:{port}"
     try:
         if wait_healthy:

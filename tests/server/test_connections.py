@@ -5,12 +5,9 @@ keep-alive."""
 from __future__ import annotations
 
 import json
-import os
 import resource
 import socket
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import LIVE_MAX_MODEL_LEN, _wait_until_healthy, free_port
+from .conftest import LIVE_MAX_MODEL_LEN, server_process
 from .helpers import HELLO
 
 pytestmark = pytest.mark.slow
@@ -34,29 +31,14 @@ def serve(*options: str, fd_limit: int | None = None,
           hard_fd_limit: int | None = None) -> Iterator[tuple[subprocess.Popen, str, int, Path]]:
     """`nitro-torch serve` (under `ulimit -n fd_limit`, hard limit `hard_fd_limit` or the same, when given);
     yields (process, base URL, port, log)."""
-    port = free_port()
-    log = tempfile.NamedTemporaryFile(prefix="nitro-conn-", suffix=".log", delete=False)
 
     def limit_descriptors() -> None:
         if fd_limit is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, hard_fd_limit or fd_limit))
 
-    command = [sys.executable, "-m", "nitro_torch.cli", "serve", "--port", str(port), "--max-model-len",
-               str(LIVE_MAX_MODEL_LEN), "--kv-cache-memory", "0.1", "--log-level", "info", *options]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit_descriptors)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_healthy(process, base, Path(log.name))
-        yield process, base, port, Path(log.name)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-        os.unlink(log.name)
+    with server_process("--max-model-len", str(LIVE_MAX_MODEL_LEN), "--kv-cache-memory", "0.1", "--log-level",
+                        "info", *options, preexec_fn=limit_descriptors) as (process, base, log):
+        yield process, base, int(base.rsplit(":", 1)[1]), log
 
 
 @pytest.fixture(scope="module")
