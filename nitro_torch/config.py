@@ -22,10 +22,15 @@ class ConfigError(ValueError):
     pass
 
 
+def served_names(served_model_name: str | None) -> list[str]:
+    """--served-model-name's aliases, in order (the first is the reported name)."""
+    return [name.strip() for name in (served_model_name or "").split(",") if name.strip()]
+
+
 @dataclass
 class ModelConfig:
     model: str = field(default="default", metadata={"help": "'default' (embedded SmolLM2-135M-Instruct), a local HF folder, a hub id in the local HF cache, a .gguf file, or 'none' (start empty and wait for Nitro's loadmodel)"})
-    served_model_name: str | None = field(default=None, metadata={"help": "name reported by /v1/models (default: derived from --model)"})
+    served_model_name: str | None = field(default=None, metadata={"help": "the model's name in /v1/models and in answers (default: derived from --model); several comma-separated names are aliases, the first is reported"})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "weight dtype; auto = bfloat16 on CUDA, float32 on CPU"})
     device: Literal["auto", "cuda", "cpu"] = field(default="auto", metadata={"help": "auto = cuda when available"})
     device_map: Literal["none", "auto"] = field(default="none", metadata={"help": "auto: spread the layers over all visible GPUs with accelerate, for a model that does not fit one (eager decoding, one GPU computes at a time)"})
@@ -84,6 +89,8 @@ class ServerConfig:
     header_timeout: float = field(default=10.0, metadata={"help": "seconds a client has to send a request's line and headers, and the most an idle connection waits for its first request; then the connection is closed (0: no limit)"})
     body_timeout: float = field(default=30.0, metadata={"help": "seconds a client has to send a request's body once its headers arrived; then 408 and the connection is closed (0: no limit)"})
     keep_alive_timeout: float = field(default=5.0, metadata={"help": "seconds an idle keep-alive connection stays open between requests"})
+    responses_store: int = field(default=512, metadata={"help": "most /v1/responses answers kept in memory for previous_response_id and GET /v1/responses/{id}; the oldest is dropped first (0: none kept, store=true is 400)"})
+    strict_model_name: bool = field(default=False, metadata={"help": "answer a request whose 'model' is not one of the served names (or --model) with 404; off: the one served model answers any name, as Nitro did"})
     max_connections: int | None = field(default=None, metadata={"help": "most open client connections; more are answered 503 and closed at once (default: three quarters of the open-file limit, at most 4096; 0: no limit)"})
 
 

@@ -67,3 +67,21 @@ def tool_server_url(tool_engine_config, tool_async_engine) -> Iterator[str]:
 
     with serving(create_app(tool_engine_config, tool_async_engine)) as url:
         yield url + "/v1"
+
+
+def assemble_streamed_calls(stream: Any) -> tuple[str, list[str], dict[int, dict[str, Any]]]:
+    """(content, finish reasons, calls by index) of a streamed chat completion, as a client puts them together."""
+    calls: dict[int, dict[str, Any]] = {}
+    content, finish_reasons = "", []
+    for chunk in stream:
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            if choice.finish_reason:
+                finish_reasons.append(choice.finish_reason)
+            for delta in choice.delta.tool_calls or []:
+                call = calls.setdefault(delta.index, {"id": None, "name": None, "arguments": ""})
+                call["id"] = delta.id or call["id"]
+                if delta.function and delta.function.name:
+                    call["name"] = delta.function.name
+                call["arguments"] += (delta.function.arguments or "") if delta.function else ""
+    return content, finish_reasons, calls

@@ -39,12 +39,18 @@ class IncrementalDetokenizer:
         self._held_text = ""
         """Decoded text not yet emitted because it could be the start of a stop string."""
         self._output_text = ""
+        self._stop_string: str | None = None
         self._stopped = False
         self._finished = False
 
     @property
     def stopped(self) -> bool:
         return self._stopped
+
+    @property
+    def stop_string(self) -> str | None:
+        """The stop string that ended the text, once it did."""
+        return self._stop_string
 
     @property
     def output_text(self) -> str:
@@ -96,6 +102,7 @@ class IncrementalDetokenizer:
         if stop_at is not None:
             start, end = stop_at
             emitted = text[: end if self._include_stop_string else start]
+            self._stop_string = text[start:end]
             self._stopped = True
             self._held_text = ""
         else:

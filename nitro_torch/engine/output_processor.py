@@ -123,6 +123,7 @@ class OutputProcessor:
             state.num_cached_tokens, core_output.logprobs,
             arrival_time=state.arrival_time, first_scheduled_time=state.first_scheduled_time,
             first_token_time=state.first_token_time, last_token_time=state.last_token_time, finished_time=now,
+            stop_string=state.detokenizer.stop_string,
         )
         self.request_metrics.observe(output)
         return output

@@ -30,6 +30,8 @@ class RequestOutput:
     """One entry per token of `new_token_ids` when the request asked for logprobs."""
     error: str | None = None
     """Set on the final output of a request that failed alone (its sampling or output processing)."""
+    stop_string: str | None = None
+    """On the final output of a request that a stop string ended: which one (Anthropic's `stop_sequence`)."""
     # timings (time.monotonic), set on the finished output only
     arrival_time: float | None = None
     first_scheduled_time: float | None = None

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from nitro_torch.config import ConfigError, ModelConfig
+from nitro_torch.config import ConfigError, ModelConfig, served_names
 from nitro_torch.models.embedded import DEFAULT_MODEL_NAME, embedded_gguf_path, ensure_converted, report_progress
 from nitro_torch.models.quantization import activation_dtype, plan_quantization
 
@@ -147,7 +147,7 @@ def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 def load_model(config: ModelConfig, attn_implementation: str | None = None) -> LoadedModel:
     path, derived_name = resolve_model_source(config.model, config.model_cache_dir)
-    name = config.served_model_name or derived_name
+    name = next(iter(served_names(config.served_model_name)), derived_name)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
 

@@ -66,7 +66,7 @@ def grammar_of(guided: GuidedDecoding, param: str = "response_format") -> xgr.Gr
     """The tokenizer-free grammar (SamplingParamsError if the spec is invalid or admits no finite output).
 
     Usually milliseconds, but a deeply nested schema takes seconds: the server runs this off its event loop
-    (server/grammar_check.py)."""
+    (server/chat/grammar_check.py)."""
     grammar = _build_grammar(guided, param)
     if not admits_finite_output(str(grammar)):
         raise SamplingParamsError(param, f"Invalid {_WHAT[guided.kind]} for '{param}': it admits no finite output "

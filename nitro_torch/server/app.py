@@ -20,13 +20,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from nitro_torch.config import Config
-from nitro_torch.server import embeddings_api, nitro_api, openai_api, openapi, text_completions, tokenize_api, webui
+from nitro_torch.server import anthropic, nitro, openai, openapi, webui
 from nitro_torch.server import metrics as metrics_api
-from nitro_torch.server.admission import AdmissionMiddleware, ready
-from nitro_torch.server.errors import EXCEPTION_HANDLERS
+from nitro_torch.server.http.admission import AdmissionMiddleware, ready
+from nitro_torch.server.http.errors import EXCEPTION_HANDLERS
+from nitro_torch.server.http.request_ids import wrap_outermost
+from nitro_torch.server.http.security import middleware as security_middleware
 from nitro_torch.server.model_host import NO_MODEL, HostState, LeaseMiddleware, ModelHost, get_host
-from nitro_torch.server.request_ids import wrap_outermost
-from nitro_torch.server.security import middleware as security_middleware
 
 if TYPE_CHECKING:
     from nitro_torch.engine.client import EngineClient
@@ -78,7 +78,7 @@ def create_app(config: Config, engine: EngineClient | None = None, *, host: Mode
             host.install(start_engine_client(config), config, owned=True)
         app.state.started_at = int(time.time())
         if getattr(app.state, "drain_on_signal", False):  # run_server: SIGTERM starts draining
-            from nitro_torch.server.draining import watch_signals
+            from nitro_torch.server.http.draining import watch_signals
 
             watch_signals(app.state)
         try:
@@ -88,12 +88,9 @@ def create_app(config: Config, engine: EngineClient | None = None, *, host: Mode
                 host.close()
 
     routes = [
-        *nitro_api.override_routes,  # before openai_api.routes: /v1/models without a model
-        *openai_api.routes,
-        *text_completions.routes,
-        *tokenize_api.routes,
-        *embeddings_api.routes,
-        *nitro_api.routes,
+        *openai.routes,
+        *anthropic.routes,
+        *nitro.routes,
         Route("/health", health, methods=["GET"]),
         *metrics_api.routes,
         Route("/ready", ready, methods=["GET"]),
@@ -103,13 +100,13 @@ def create_app(config: Config, engine: EngineClient | None = None, *, host: Mode
     middleware = [*security_middleware(config),  # CORS, API key, --log-prompts (request ids: outermost, below)
                   Middleware(AdmissionMiddleware, max_queued_requests=config.server.max_queued_requests,
                              max_request_bytes=config.server.max_request_bytes),
-                  Middleware(nitro_api.NitroPathCase), Middleware(LeaseMiddleware)]
+                  Middleware(nitro.api.NitroPathCase), Middleware(LeaseMiddleware)]
     app = wrap_outermost(Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan,
                                    middleware=middleware))
     app.state.config = config
     app.state.host = host
     app.state.metrics_registry = metrics_api.create_registry(host)  # GET /metrics, per app
-    app.state.draining = False  # set on SIGTERM/SIGINT under run_server (server/draining.py)
+    app.state.draining = False  # set on SIGTERM/SIGINT under run_server (http/draining.py)
     return app
 
 
@@ -119,7 +116,7 @@ def run_server(config: Config) -> None:
 
     With `--model none` the server starts empty and waits for POST /inferences/llamacpp/loadmodel, as Nitro did.
     """
-    from nitro_torch.server.connections import (
+    from nitro_torch.server.http.connections import (
         ConnectionLimits,
         protocol_class,
         raise_open_file_limit,

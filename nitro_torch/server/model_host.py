@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from nitro_torch.config import Config
 from nitro_torch.engine.client import stage_engine, start_engine_client
-from nitro_torch.server.errors import APIError
+from nitro_torch.server.http.errors import APIError
 
 if TYPE_CHECKING:
     from nitro_torch.engine.client import EngineClient, StagedEngine
@@ -60,8 +60,8 @@ class RetryLaterError(APIError):
         super().__init__(503, message, code=code)
         self.headers = {"Retry-After": str(retry_after_s)}
 
-    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        return super().response({**(self.headers or {}), **(headers or {})})
+    def response(self, headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
+        return super().response({**(self.headers or {}), **(headers or {})}, path)
 
 
 class ModelLoadError(Exception):

@@ -18,18 +18,26 @@ from starlette.routing import Route
 
 import nitro_torch
 from nitro_torch.config import Config
-from nitro_torch.server.embeddings_api import EmbeddingRequest, EmbeddingResponse
-from nitro_torch.server.nitro_api import PREFIX, LoadModelRequest
-from nitro_torch.server.protocol import (
+from nitro_torch.server.anthropic.protocol import (
+    AnthropicErrorResponse,
+    CountTokensRequest,
+    CountTokensResponse,
+    MessageResponse,
+    MessagesRequest,
+)
+from nitro_torch.server.chat.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ErrorResponse,
     ModelCard,
     ModelList,
 )
-from nitro_torch.server.security import exempt_paths
-from nitro_torch.server.text_completions import CompletionRequest, CompletionResponse
-from nitro_torch.server.tokenize_api import DetokenizeRequest, TokenizeRequest, TokenizeResponse
+from nitro_torch.server.http.errors import ErrorResponse
+from nitro_torch.server.http.security import exempt_paths
+from nitro_torch.server.nitro.api import PREFIX, LoadModelRequest
+from nitro_torch.server.openai.completions import CompletionRequest, CompletionResponse
+from nitro_torch.server.openai.embeddings import EmbeddingRequest, EmbeddingResponse
+from nitro_torch.server.openai.responses_protocol import ResponseDeleted, ResponseObject, ResponsesRequest
+from nitro_torch.server.openai.tokenize import DetokenizeRequest, TokenizeRequest, TokenizeResponse
 
 OPENAPI_PATH = "/openapi.json"
 REF = "#/components/schemas/{model}"
@@ -59,6 +67,8 @@ class Operation:
     stream: bool = False
     """200 may also be a text/event-stream (with `"stream": true`)."""
     media_type: str = "application/json"
+    error: type[BaseModel] = ErrorResponse
+    """Its error body: OpenAI's, or Anthropic's under /v1/messages."""
 
 
 OPERATIONS: dict[str, Operation] = {
@@ -67,8 +77,15 @@ OPERATIONS: dict[str, Operation] = {
     "/v1/completions": Operation("Create a text completion", "OpenAI", CompletionRequest, CompletionResponse,
                                  stream=True),
     "/v1/embeddings": Operation("Create embeddings", "OpenAI", EmbeddingRequest, EmbeddingResponse),
+    "/v1/responses": Operation("Create a response", "OpenAI", ResponsesRequest, ResponseObject, stream=True),
+    "GET /v1/responses/{response_id}": Operation("Retrieve a stored response", "OpenAI", ok=ResponseObject),
+    "DELETE /v1/responses/{response_id}": Operation("Delete a stored response", "OpenAI", ok=ResponseDeleted),
     "/v1/models": Operation("List the served model", "OpenAI", ok=ModelList),
     "/v1/models/{model_id}": Operation("Retrieve the served model", "OpenAI", ok=ModelCard),
+    "/v1/messages": Operation("Create a message (Anthropic's Messages API)", "Anthropic", MessagesRequest,
+                              MessageResponse, stream=True, error=AnthropicErrorResponse),
+    "/v1/messages/count_tokens": Operation("Count the prompt tokens of a message request", "Anthropic",
+                                           CountTokensRequest, CountTokensResponse, error=AnthropicErrorResponse),
     "/tokenize": Operation("Tokenize a prompt or a conversation", "vLLM", TokenizeRequest, TokenizeResponse),
     "/detokenize": Operation("Turn token ids back into text", "vLLM", DetokenizeRequest,
                              _object(("prompt",), prompt=_STRING)),
@@ -123,8 +140,9 @@ def served_operations(routes: list[Any]) -> list[tuple[str, str, Route]]:
 def component_schemas() -> tuple[dict[type[BaseModel], Schema], dict[str, Schema]]:
     """({model: its $ref}, components.schemas): requests in pydantic's validation mode, 200 bodies in its
     serialization mode (what `model_dump()` writes)."""
-    modes: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [(ErrorResponse, "serialization")]
+    modes: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = []
     for operation in OPERATIONS.values():
+        modes.append((operation.error, "serialization"))
         if operation.body is not None:
             modes.append((operation.body, "validation"))
         if isinstance(operation.ok, type):
@@ -152,8 +170,8 @@ def _operation(path: str, method: str, operation: Operation, refs: dict[type[Bas
         "tags": [operation.tag],
         "responses": {
             "200": {"description": "OK", "content": content},
-            "default": {"description": "An OpenAI-style error",
-                        "content": {"application/json": {"schema": refs[ErrorResponse]}}},
+            "default": {"description": "An error",
+                        "content": {"application/json": {"schema": refs[operation.error]}}},
         },
     }
     parameters = _path_parameters(path)
@@ -167,23 +185,27 @@ def _operation(path: str, method: str, operation: Operation, refs: dict[type[Bas
 
 
 def build_document(routes: list[Any], config: Config) -> Schema:
-    """The document for `routes` (an app's); KeyError for a route missing from OPERATIONS."""
+    """The document for `routes` (an app's); KeyError for a route missing from OPERATIONS (keyed by path, or by
+    \"METHOD path\" where one path's methods differ)."""
     refs, schemas = component_schemas()
     public = exempt_paths(config)
     paths: dict[str, Schema] = {}
     for path, method, route in served_operations(routes):
-        operation = OPERATIONS[path]
+        operation = OPERATIONS.get(f"{method} {path}") or OPERATIONS[path]
         paths.setdefault(path, {})[method.lower()] = _operation(path, method, operation, refs,
                                                                 route.path in public)
     # Without --api-key a bearer token is accepted and ignored, so the scheme is optional then.
-    security: list[Schema] = [{"bearer": []}] if config.security.api_key else [{"bearer": []}, {}]
+    security: list[Schema] = [{"bearer": []}, {"x-api-key": []}]
+    if not config.security.api_key:
+        security.append({})
     return {
         "openapi": "3.1.0",
         "info": {"title": "nitro_torch", "version": nitro_torch.__version__,
                  "description": "OpenAI-compatible (and Nitro-compatible) LLM server."},
         "paths": paths,
         "components": {"schemas": schemas,
-                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                                           "x-api-key": {"type": "apiKey", "in": "header", "name": "x-api-key"}}},
         "security": security,
     }
 

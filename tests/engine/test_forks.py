@@ -7,8 +7,15 @@ import pytest
 
 from nitro_torch.engine.outputs import FinishReason
 from nitro_torch.engine.request import Request, RequestStatus
-
-from tests.engine.test_scheduler import BS, assert_all_free, make_request, make_scheduler, run_to_completion, step, summary
+from tests.engine.test_scheduler import (
+    BS,
+    assert_all_free,
+    make_request,
+    make_scheduler,
+    run_to_completion,
+    step,
+    summary,
+)
 
 
 def family(prompt: list[int], n: int, max_tokens: int = 6) -> list[Request]:

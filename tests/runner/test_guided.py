@@ -19,7 +19,7 @@ from nitro_torch.runner.attention import register_paged_attention
 from nitro_torch.runner.guided import GuidedDecoder, TokenMask, mask_with_torch
 from nitro_torch.runner.sampler import Sampler
 from nitro_torch.sampling import GuidedDecoding, SamplingParams, SamplingParamsError
-from nitro_torch.server.response_format import guided_decoding
+from nitro_torch.server.chat.response_format import guided_decoding
 
 CPU = torch.device("cpu")
 EOS = 2

@@ -96,6 +96,16 @@ def client(engine_config, real_engine) -> Iterator[TestClient]:
         yield test_client
 
 
+@pytest.fixture
+def strict_client(real_engine) -> Iterator[TestClient]:
+    """The real engine behind --strict-model-name: a `model` that is not a served name is 404."""
+    from nitro_torch.server.app import create_app
+
+    config = build_config({**ENGINE_OPTIONS, "strict_model_name": True}, env={})
+    with TestClient(create_app(config, real_engine), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -131,6 +141,21 @@ def serving(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextmanager
+def private_server(**options: object) -> Iterator[RunningServer]:
+    """uvicorn in a thread over a private engine of ENGINE_OPTIONS and `options` (shut down at exit)."""
+    from nitro_torch.engine.client import start_engine_client
+    from nitro_torch.server.app import create_app
+
+    config = build_config({**ENGINE_OPTIONS, **options}, env={})
+    engine = start_engine_client(config)
+    try:
+        with serving(create_app(config, engine)) as url:
+            yield RunningServer(url, engine)
+    finally:
+        engine.shutdown()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 
 from nitro_torch.config import build_config
 
-from .conftest import RunningServer, serving
+from .conftest import RunningServer, private_server
 from .helpers import ENGINE_OPTIONS, HELLO, wait_until_idle
 
 MAX_TOKENS = 48
@@ -22,17 +22,9 @@ MAX_TOKENS = 48
 @pytest.fixture
 def small_server() -> Iterator[RunningServer]:
     """uvicorn in a thread over a private engine that runs one sequence at a time, with room for 2 waiting."""
-    from nitro_torch.engine.client import start_engine_client
-    from nitro_torch.server.app import create_app
-
-    config = build_config({**ENGINE_OPTIONS, "max_num_seqs": 1, "kv_cache_memory": 0.1, "max_queued_requests": 2,
-                           "max_request_bytes": 4096}, env={})
-    engine = start_engine_client(config)
-    try:
-        with serving(create_app(config, engine)) as url:
-            yield RunningServer(url, engine)
-    finally:
-        engine.shutdown()
+    with private_server(max_num_seqs=1, kv_cache_memory=0.1, max_queued_requests=2,
+                        max_request_bytes=4096) as server:
+        yield server
 
 
 def _stream(base_url: str, results: list, index: int) -> None:
@@ -120,12 +112,12 @@ def test_body_over_the_limit_is_413(small_server):
 
 def test_lying_content_length_is_cut_off():
     """A Content-Length under the limit with a longer body: counted while read, 413 (in-process app)."""
-    from nitro_torch.server.admission import AdmissionMiddleware
+    from nitro_torch.server.http.admission import AdmissionMiddleware
 
     seen: list[bytes] = []
 
     async def app(scope, receive, send):
-        from nitro_torch.server.errors import APIError
+        from nitro_torch.server.http.errors import APIError
 
         try:
             while True:

@@ -9,8 +9,8 @@ import openai
 import pytest
 
 from nitro_torch.config import ChatConfig
-from nitro_torch.server.chat_template import ChatFormatter, PromptPrefixes, to_template_messages
-from nitro_torch.server.protocol import ChatMessage
+from nitro_torch.server.chat.protocol import ChatMessage
+from nitro_torch.server.chat.template import ChatFormatter, PromptPrefixes, to_template_messages
 
 from .helpers import HELLO, engine_reference, template_ids, wait_until_idle
 
@@ -99,13 +99,20 @@ def test_image_parts_are_refused_clearly(client):
     assert "this model does not accept images" in error["message"] and error["param"] == "messages"
 
 
-def test_model_may_be_empty_or_the_loaded_one(client, real_engine):
-    for name in ("", real_engine.model_name, None):
+def test_any_model_name_is_answered_by_the_served_model(client, real_engine):
+    for name in ("", real_engine.model_name, None, "gpt-4o-mini", "gpt-3.5-turbo"):
         response = client.post("/v1/chat/completions", json={"model": name, "messages": HELLO, "max_tokens": 1})
         assert response.status_code == 200, (name, response.text)
-    response = client.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": HELLO})
+        assert response.json()["model"] == real_engine.model_name
+
+
+def test_strict_model_name_answers_unknown_names_404(strict_client, real_engine):
+    response = strict_client.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": HELLO})
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "model_not_found" and response.json()["error"]["param"] == "model"
+    response = strict_client.post("/v1/chat/completions", json={"model": real_engine.config.model.model,
+                                                                 "messages": HELLO, "max_tokens": 1})
+    assert response.status_code == 200
 
 
 def test_continue_final_message_extends_the_assistant_turn(client, tokenizer):
@@ -184,7 +191,7 @@ def test_openai_client_n_and_seed(threaded_server):
 def test_chat_template_file_replaces_the_models_template(tmp_path, tiny_model_dir):
     from nitro_torch.config import ConfigError, build_config
     from nitro_torch.engine.engine import LLMEngine
-    from nitro_torch.server.chat_template import to_template_messages as convert
+    from nitro_torch.server.chat.template import to_template_messages as convert
 
     template = tmp_path / "plain.jinja"
     template.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>")
@@ -195,3 +202,11 @@ def test_chat_template_file_replaces_the_models_template(tmp_path, tiny_model_di
     assert engine.tokenizer.decode(ids) == "<user>Hi<assistant>"
     with pytest.raises(ConfigError, match="chat template file not found"):
         build_config({"chat_template": str(tmp_path / "missing.jinja")}, env={})
+
+
+@pytest.mark.parametrize("tool_choice", ["none", "auto", "required", {"type": "function", "function": {"name": "f"}}])
+def test_tool_choice_without_tools_is_400_as_openai(client, tool_choice):
+    response = client.post("/v1/chat/completions", json={"messages": HELLO, "tool_choice": tool_choice})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "tool_choice" and "only allowed when 'tools' are specified" in error["message"]

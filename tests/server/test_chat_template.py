@@ -1,8 +1,8 @@
 import pytest
 
-from nitro_torch.server.chat_template import prompt_token_ids
-from nitro_torch.server.errors import APIError
-from nitro_torch.server.protocol import ChatMessage
+from nitro_torch.server.chat.protocol import ChatMessage
+from nitro_torch.server.chat.template import prompt_token_ids
+from nitro_torch.server.http.errors import APIError
 
 DODGERS = [
     {"role": "system", "content": "You are a helpful assistant."},

@@ -6,18 +6,21 @@ from pathlib import Path
 
 import pytest
 
-from nitro_torch.server.compat import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, render_markdown
-from nitro_torch.server.embeddings_api import EmbeddingRequest
-from nitro_torch.server.protocol import ChatCompletionRequest
-from nitro_torch.server.text_completions import CompletionRequest
+from nitro_torch.server.chat.protocol import ChatCompletionRequest
+from nitro_torch.server.compat import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, Endpoint, render_markdown
+from nitro_torch.server.openai.completions import CompletionRequest
+from nitro_torch.server.openai.embeddings import EmbeddingRequest
+from nitro_torch.server.openai.responses_protocol import ResponsesRequest
 
 README = Path(__file__).parents[2] / "README.md"
 START, END = "<!-- compat:start -->", "<!-- compat:end -->"
-SCHEMAS = [(CHAT, ChatCompletionRequest), (COMPLETIONS, CompletionRequest), (EMBEDDINGS, EmbeddingRequest)]
+SCHEMAS = [(CHAT, ChatCompletionRequest), (COMPLETIONS, CompletionRequest), (EMBEDDINGS, EmbeddingRequest),
+           (RESPONSES, ResponsesRequest)]
 BASE_BODIES = {
     CHAT.path: {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
     COMPLETIONS.path: {"prompt": "Hi", "max_tokens": 1},
     EMBEDDINGS.path: {"input": "Hi"},
+    RESPONSES.path: {"input": "Hi", "max_output_tokens": 1, "store": False},
 }
 
 

@@ -1,4 +1,4 @@
-"""Connection hygiene of `nitro-torch serve` (server/connections.py), against the real server process as hostile
+"""Connection hygiene of `nitro-torch serve` (server/http/connections.py), against the real server process as hostile
 clients reach it: silent sockets under a low descriptor limit, slowloris heads, connections over the cap, idle
 keep-alive."""
 

@@ -13,6 +13,8 @@ from .conftest import LIVE_MAX_MODEL_LEN, server_process
 from .helpers import HELLO
 
 MAX_TOKENS = 64
+COUNT = "Count from 1 to 500, separated by commas."
+"""Neither API has vLLM's ignore_eos: a prompt whose greedy answer runs long (122 tokens) instead."""
 
 
 def test_sigterm_drains_a_stream_then_exits_0():
@@ -118,7 +120,7 @@ def test_model_none_is_not_ready_and_exits_0_on_sigterm():
 def test_watch_signals_marks_the_app_and_keeps_sigterm_from_being_reraised():
     from starlette.datastructures import State
 
-    from nitro_torch.server.draining import watch_signals
+    from nitro_torch.server.http.draining import watch_signals
 
     class FakeServer:  # what uvicorn's Server.handle_exit does with a signal
         def __init__(self) -> None:
@@ -140,3 +142,46 @@ def test_watch_signals_marks_the_app_and_keeps_sigterm_from_being_reraised():
     finally:
         for sig, handler in originals.items():
             signal.signal(sig, handler)
+
+
+def test_responses_and_messages_streams_cut_at_the_deadline_end_in_their_own_error_event():
+    """The Responses and Anthropic streams are cut like chat's, but end in their API's error event (a client of
+    those APIs ignores OpenAI's `data:`-only error): response.failed, and Anthropic's `event: error`."""
+    streams = {
+        "/v1/responses": {"input": COUNT, "max_output_tokens": 1500, "temperature": 0, "stream": True, "store": False},
+        "/v1/messages": {"messages": [{"role": "user", "content": COUNT}], "max_tokens": 1500, "temperature": 0,
+                        "stream": True},
+    }
+    with server_process("--max-model-len", str(LIVE_MAX_MODEL_LEN), "--kv-cache-memory", "0.1",
+                        "--shutdown-timeout", "0.5", "--log-level", "info") as (process, base, log):
+        events: dict[str, list[tuple[str, dict]]] = {path: [] for path in streams}
+        started = {path: threading.Event() for path in streams}
+
+        def read(path: str) -> None:
+            with httpx.stream("POST", base + path, json=streams[path], timeout=60) as response:
+                name = ""
+                for line in response.iter_lines():
+                    if line.startswith("event: "):
+                        name = line[len("event: "):]
+                    elif line.startswith("data: "):
+                        events[path].append((name, json.loads(line[len("data: "):])))
+                        if len(events[path]) >= 4:
+                            started[path].set()
+
+        readers = [threading.Thread(target=read, args=(path,)) for path in streams]
+        for reader in readers:
+            reader.start()
+        assert all(event.wait(60) for event in started.values())
+        process.send_signal(signal.SIGTERM)
+        for reader in readers:
+            reader.join(timeout=30)
+        name, last = events["/v1/responses"][-1]
+        assert name == last["type"] == "response.failed", events["/v1/responses"][-2:]
+        assert last["response"]["error"]["code"] == "server_shutdown"
+        numbers = [data["sequence_number"] for _, data in events["/v1/responses"]]
+        assert numbers == list(range(len(numbers)))
+        name, last = events["/v1/messages"][-1]
+        assert name == last["type"] == "error", events["/v1/messages"][-2:]
+        assert "shutting down" in last["error"]["message"]
+        assert process.wait(timeout=60) == 0, log.read_text()[-4000:]
+        assert "Traceback" not in log.read_text()

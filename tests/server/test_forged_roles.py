@@ -6,7 +6,7 @@ import openai
 import pytest
 
 from nitro_torch.config import ChatConfig
-from nitro_torch.server.chat_template import ChatFormatter
+from nitro_torch.server.chat.template import ChatFormatter
 
 from .conftest import server_process
 from .helpers import template_ids

@@ -33,12 +33,12 @@ from starlette.testclient import TestClient
 
 from nitro_torch.config import build_config
 from nitro_torch.server.app import create_app
-from nitro_torch.server.context import MAX_JSON_DEPTH
-from nitro_torch.server.embeddings_api import EmbeddingRequest
+from nitro_torch.server.chat.protocol import ChatCompletionRequest
+from nitro_torch.server.http.context import MAX_JSON_DEPTH
 from nitro_torch.server.model_host import ModelHost
+from nitro_torch.server.openai.completions import CompletionRequest
+from nitro_torch.server.openai.embeddings import EmbeddingRequest
 from nitro_torch.server.openapi import document
-from nitro_torch.server.protocol import ChatCompletionRequest
-from nitro_torch.server.text_completions import CompletionRequest
 
 from .helpers import ENGINE_OPTIONS
 
@@ -50,8 +50,8 @@ PARSER_EXAMPLES = EXAMPLES or 60
 REQUEST_DEADLINE_S = 30.0
 CHAT = "/inferences/llamacpp/chat_completion"
 BODY_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", CHAT)
-GENERATING = {"/v1/chat/completions", "/v1/completions", CHAT}
-SMALL_COUNTS = {"max_tokens": 2, "max_completion_tokens": 2, "n": 2, "best_of": 2, "min_tokens": 2, "top_logprobs": 2}
+GENERATING = {"/v1/chat/completions", "/v1/completions", CHAT, "/v1/responses", "/v1/messages"}
+SMALL_COUNTS = {"max_tokens": 2, "max_completion_tokens": 2, "max_output_tokens": 2, "n": 2, "best_of": 2, "min_tokens": 2, "top_logprobs": 2}
 """Caps on what would make a valid request decode for long (or many sequences); larger values stay invalid."""
 HELLO = [{"role": "user", "content": "Hi"}]
 VALID = {"/v1/chat/completions": {"messages": HELLO, "max_tokens": 1}, "/v1/completions": {"prompt": "Hi", "max_tokens": 1},
@@ -140,8 +140,8 @@ def bounded(body: dict[str, Any]) -> dict[str, Any]:
         number = _as_number(body.get(field))
         if number is not None and not math.isnan(number) and cap < number <= 100_000:
             body[field] = cap
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-        body["max_tokens"] = 2
+    if all(body.get(field) is None for field in ("max_tokens", "max_completion_tokens", "max_output_tokens")):
+        body["max_tokens"] = body["max_output_tokens"] = 2  # each API ignores the other's field
     for field in ("prompt", "messages", "input"):
         if isinstance(body.get(field), list) and len(body[field]) > 4:  # many prompts: many sequences
             body[field] = body[field][:4]

@@ -13,7 +13,7 @@ import httpx
 import jsonschema
 import pytest
 
-from nitro_torch.server.grammar_check import CHECK_TIME_LIMIT_S, GRAMMAR_TOO_COMPLEX
+from nitro_torch.server.chat.grammar_check import CHECK_TIME_LIMIT_S, GRAMMAR_TOO_COMPLEX
 from tests.tool_fixtures import (  # noqa: F401  (fixtures)
     TOOLS,
     tool_async_engine,

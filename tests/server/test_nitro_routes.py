@@ -22,9 +22,10 @@ from starlette.testclient import TestClient
 
 from nitro_torch.config import build_config
 from nitro_torch.models.embedded import DEFAULT_MODEL_NAME
-from nitro_torch.server import model_host, nitro_api
+from nitro_torch.server import model_host
 from nitro_torch.server.app import create_app
 from nitro_torch.server.model_host import HostState, ModelHost
+from nitro_torch.server.nitro import api as nitro_api
 
 from .conftest import serving
 from .helpers import ENGINE_OPTIONS, HELLO, wait_until

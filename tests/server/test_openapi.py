@@ -11,9 +11,9 @@ from starlette.testclient import TestClient
 
 from nitro_torch.config import build_config
 from nitro_torch.server.app import create_app
+from nitro_torch.server.http.errors import ErrorResponse
+from nitro_torch.server.http.security import PUBLIC_PATHS
 from nitro_torch.server.openapi import OPERATIONS, REF, build_document, document, openapi_path, served_operations
-from nitro_torch.server.protocol import ErrorResponse
-from nitro_torch.server.security import PUBLIC_PATHS
 
 from .helpers import ENGINE_OPTIONS
 
@@ -71,21 +71,21 @@ def test_every_served_route_is_documented(client, spec):
                  "/inferences/llamacpp/unloadmodel", "/inferences/llamacpp/modelstatus",
                  "/inferences/llamacpp/embedding", "/healthz", "/health", "/ready", "/metrics", "/openapi.json"):
         assert path in spec["paths"], path
-    assert set(spec["paths"]) == set(OPERATIONS)
+    assert set(spec["paths"]) == {key.split(" ")[-1] for key in OPERATIONS}  # "METHOD path" where methods differ
     parameter = spec["paths"]["/v1/models/{model_id}"]["get"]["parameters"][0]
     assert parameter["name"] == "model_id" and parameter["in"] == "path" and parameter["required"]
 
 
 def test_request_bodies_are_the_pydantic_models_schemas(spec):
     bodies = {path: operation.body for path, operation in OPERATIONS.items() if operation.body is not None}
-    assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/tokenize", "/detokenize",
+    assert {"/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens", "/v1/completions", "/v1/embeddings", "/tokenize", "/detokenize",
             "/inferences/llamacpp/loadmodel", "/inferences/llamacpp/chat_completion"} <= set(bodies)
     for path, model in bodies.items():
         body = spec["paths"][path]["post"]["requestBody"]
         assert body["required"] is True
         assert resolved(spec, body["content"]["application/json"]["schema"]) == pydantic_schema(model), path
     without_body = [(path, method) for path, item in spec["paths"].items() for method, op in item.items()
-                    if "requestBody" in op and OPERATIONS[path].body is None]
+                    if "requestBody" in op and OPERATIONS.get(f"{method.upper()} {path}", OPERATIONS.get(path)).body is None]
     assert not without_body
 
 
@@ -93,12 +93,16 @@ def test_errors_responses_and_security(spec):
     error_schema = resolved(spec, {"$ref": REF.format(model="ErrorResponse")})
     assert error_schema == pydantic_schema(ErrorResponse)
     assert set(error_schema["properties"]["error"]["properties"]) == {"message", "type", "param", "code"}
-    assert spec["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
-    assert spec["security"] == [{"bearer": []}, {}]  # no --api-key: a token is optional
+    anthropic_error = resolved(spec, {"$ref": REF.format(model="AnthropicErrorResponse")})
+    assert spec["components"]["securitySchemes"] == {
+        "bearer": {"type": "http", "scheme": "bearer"},
+        "x-api-key": {"type": "apiKey", "in": "header", "name": "x-api-key"}}
+    assert spec["security"] == [{"bearer": []}, {"x-api-key": []}, {}]  # no --api-key: a key is optional
     for path, item in spec["paths"].items():
         for method, operation in item.items():
             default = operation["responses"]["default"]["content"]["application/json"]["schema"]
-            assert resolved(spec, default) == error_schema, (method, path)
+            expected = anthropic_error if path.startswith("/v1/messages") else error_schema
+            assert resolved(spec, default) == expected, (method, path)
             assert "200" in operation["responses"], (method, path)
             assert (operation.get("security") == []) == (path in PUBLIC_PATHS), (method, path)
     chat = spec["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
@@ -117,6 +121,9 @@ def test_answers_match_the_published_schemas(client, spec):
         ("POST", "/tokenize", {"prompt": "Hi", "return_token_strs": True}),
         ("POST", "/detokenize", {"tokens": [1, 2]}),
         ("GET", "/inferences/llamacpp/modelstatus", None),
+        ("POST", "/v1/messages", {"messages": HELLO, "max_tokens": 2}),
+        ("POST", "/v1/responses", {"input": "Hi", "max_output_tokens": 2}),
+        ("POST", "/v1/messages/count_tokens", {"messages": HELLO}),
     ]
     for method, path, body in calls:
         response = client.request(method, path, json=body)
@@ -127,9 +134,18 @@ def test_answers_match_the_published_schemas(client, spec):
     card = client.get(f"/v1/models/{model_id}").json()
     validator(spec, spec["paths"]["/v1/models/{model_id}"]["get"]["responses"]["200"]["content"]["application/json"]
               ["schema"]).validate(card)
+    stored = client.post("/v1/responses", json={"input": "Hi", "max_output_tokens": 2}).json()["id"]
+    for method in ("get", "delete"):
+        answer = client.request(method.upper(), f"/v1/responses/{stored}")
+        assert answer.status_code == 200, answer.text
+        validator(spec, spec["paths"]["/v1/responses/{response_id}"][method]["responses"]["200"]["content"]
+                  ["application/json"]["schema"]).validate(answer.json())
     error = client.post("/v1/chat/completions", content=b"{")
     assert error.status_code == 400
     validator(spec, {"$ref": REF.format(model="ErrorResponse")}).validate(error.json())
+    error = client.post("/v1/messages", content=b"{")
+    assert error.status_code == 400
+    validator(spec, {"$ref": REF.format(model="AnthropicErrorResponse")}).validate(error.json())
 
 
 def test_built_once_per_app_and_under_the_key(real_engine):
@@ -137,7 +153,7 @@ def test_built_once_per_app_and_under_the_key(real_engine):
         assert client.get("/openapi.json").status_code == 401
         first = client.get("/openapi.json", headers={"Authorization": f"Bearer {KEY}"})
         assert first.status_code == 200
-        assert first.json()["security"] == [{"bearer": []}]
+        assert first.json()["security"] == [{"bearer": []}, {"x-api-key": []}]
         assert document(client.app) is document(client.app)
         assert client.get("/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).content == first.content
 

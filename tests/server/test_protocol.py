@@ -2,8 +2,8 @@ import pytest
 from pydantic import ValidationError
 
 from nitro_torch.sampling import SamplingParamsError
-from nitro_torch.server.errors import validation_error
-from nitro_torch.server.protocol import ChatCompletionRequest
+from nitro_torch.server.chat.protocol import ChatCompletionRequest
+from nitro_torch.server.http.errors import validation_error
 
 USER_HELLO = [{"role": "user", "content": "Hello"}]
 

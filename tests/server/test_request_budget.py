@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from nitro_torch.server.request_budget import check_request_budget, max_request_tokens
+from nitro_torch.server.chat.request_budget import check_request_budget, max_request_tokens
 
 from .conftest import serving
 from .helpers import HELLO, wait_until, wait_until_idle

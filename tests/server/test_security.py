@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 
 from nitro_torch.config import ConfigError, build_config
 from nitro_torch.server.app import create_app
-from nitro_torch.server.security import METRICS_PATHS, PUBLIC_PATHS
+from nitro_torch.server.http.security import INVALID_KEY_MESSAGE, METRICS_PATHS, PUBLIC_PATHS
 
 from .conftest import serving
 from .helpers import ENGINE_OPTIONS
@@ -51,6 +51,9 @@ def assert_invalid_key(response) -> None:
     assert response.status_code == 401, response.text
     assert response.headers["www-authenticate"] == "Bearer"
     if response.request.method == "HEAD":
+        return
+    if response.url.path.startswith("/v1/messages"):  # Anthropic's error body there
+        assert response.json()["error"] == {"type": "authentication_error", "message": INVALID_KEY_MESSAGE}
         return
     error = response.json()["error"]
     assert error["message"].startswith("Incorrect API key provided")

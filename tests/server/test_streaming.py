@@ -1,6 +1,6 @@
 import json
 
-from nitro_torch.server.streaming import DONE_EVENT, sse_event
+from nitro_torch.server.http.sse import DONE_EVENT, sse_event
 
 
 def test_event_framing():

@@ -149,11 +149,13 @@ def test_unsupported_options_are_400_naming_them(client, field, value):
     ({"prompt": PROMPT, "best_of": 1, "n": 2}, "best_of"),
     ({"prompt": PROMPT, "stop_token_ids": [10**9]}, "stop_token_ids"),
     ({"prompt": PROMPT, "logit_bias": {"x": 1}}, "logit_bias"),
-    ({"prompt": PROMPT, "model": "no-such-model"}, "model"),
 ])
 def test_bad_requests_are_errors_naming_the_field(client, extra, param):
-    response = client.post("/v1/completions", json=extra)
-    assert_error(response, 404 if param == "model" else 400, param)
+    assert_error(client.post("/v1/completions", json=extra), 400, param)
+
+
+def test_unknown_model_is_404_with_strict_model_name(strict_client):
+    assert_error(strict_client.post("/v1/completions", json={"prompt": PROMPT, "model": "no-such-model"}), 404, "model")
 
 
 def test_context_length_is_checked_per_prompt(client, real_engine):

@@ -10,19 +10,19 @@ import pytest
 from pydantic import ValidationError
 
 from nitro_torch.sampling import SamplingParams, SamplingParamsError
-from nitro_torch.server.chat_template import to_template_messages
-from nitro_torch.server.protocol import ChatMessage
-from nitro_torch.server.tool_parsers import HERMES, LLAMA3_JSON, MISTRAL, resolve_format
-from nitro_torch.server.tools import (
+from nitro_torch.server.chat.protocol import ChatMessage
+from nitro_torch.server.chat.template import to_template_messages
+from nitro_torch.server.chat.tool_parsers import HERMES, LLAMA3_JSON, MISTRAL, resolve_format
+from nitro_torch.server.chat.tools import (
     ToolCall,
     ToolCallDelta,
     ToolCallStreamParser,
     ToolChoice,
     ToolDefinition,
     ToolFields,
-    check_tools_supported,
     parse_tool_calls,
     template_messages_for_tools,
+    template_renders_tools,
     template_tools,
     tool_choice_guidance,
     validate_tool_choice,
@@ -193,15 +193,15 @@ def test_the_format_is_read_from_the_template(template_tokenizer):
     assert parse_tool_calls(tokenizer, WEATHER_CALL)[1][0].name == "get_weather"
 
 
-def test_a_template_without_tools_is_a_400_on_tools(smol_tokenizer):
-    with pytest.raises(SamplingParamsError) as info:
-        check_tools_supported(smol_tokenizer)  # SmolLM2-135M-Instruct's own template ignores tools
-    assert info.value.param == "tools"
+def test_a_template_without_tools_is_told_apart(smol_tokenizer):
+    # SmolLM2-135M-Instruct's own template ignores tools: they get the built-in prompt (test_tool_prompt.py).
+    assert not template_renders_tools(smol_tokenizer)
 
 
-def test_templates_that_render_tools_are_accepted(template_tokenizer):
-    check_tools_supported(template_tokenizer(HERMES_TOOL_TEMPLATE))
-    check_tools_supported(template_tokenizer({"default": "{{ messages[0].content }}", "tool_use": HERMES_TOOL_TEMPLATE}))
+def test_templates_that_render_tools_are_recognised(template_tokenizer):
+    assert template_renders_tools(template_tokenizer(HERMES_TOOL_TEMPLATE))
+    assert template_renders_tools(template_tokenizer({"default": "{{ messages[0].content }}",
+                                                      "tool_use": HERMES_TOOL_TEMPLATE}))
 
 
 # ---- request validation ----------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Tool calling end to end: the official OpenAI client against an in-process server on a tiny random-weight model
-whose chat template supports tools (forced calls come from the grammar, not from the model's skill)."""
+whose chat template supports tools (forced calls come from the grammar, not from the model's skill), and on the
+default model, whose template does not (the built-in tool prompt)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from openai import OpenAI
 from tests.tool_fixtures import (  # noqa: F401  (fixtures)
     PARAMETERS_BY_NAME,
     TOOLS,
+    assemble_streamed_calls,
     tool_async_engine,
     tool_engine_config,
     tool_model_dir,
@@ -60,20 +62,9 @@ def test_a_named_choice_streams_the_same_call(client):
     assert whole.finish_reason == "tool_calls"
     [expected] = whole.message.tool_calls
 
-    calls: dict[int, dict] = {}
-    content, finish_reasons = "", []
-    for chunk in client.chat.completions.create(**request, stream=True):
-        for choice in chunk.choices:
-            content += choice.delta.content or ""
-            finish_reasons.append(choice.finish_reason)
-            for delta in choice.delta.tool_calls or []:
-                call = calls.setdefault(delta.index, {"id": None, "name": None, "arguments": ""})
-                call["id"] = delta.id or call["id"]
-                if delta.function and delta.function.name:
-                    call["name"] = delta.function.name
-                call["arguments"] += (delta.function.arguments or "") if delta.function else ""
+    content, finish_reasons, calls = assemble_streamed_calls(client.chat.completions.create(**request, stream=True))
     assert content == ""
-    assert [r for r in finish_reasons if r] == ["tool_calls"]
+    assert finish_reasons == ["tool_calls"]
     assert list(calls) == [0]
     assert calls[0]["id"].startswith("call_") and calls[0]["name"] == "get_weather"
     assert calls[0]["arguments"] == expected.function.arguments  # greedy: the same call both ways
@@ -95,8 +86,18 @@ def test_a_choice_naming_an_unknown_function_is_a_400(client):
     assert info.value.body["param"] == "tool_choice"
 
 
-def test_tools_on_a_model_whose_template_ignores_them_is_a_400(threaded_server):
-    default_model = OpenAI(base_url=threaded_server.api_url, api_key="unused", max_retries=0)
-    with pytest.raises(openai.BadRequestError) as info:
-        default_model.chat.completions.create(model="", messages=QUESTION, tools=TOOLS, max_tokens=4)
-    assert info.value.body["param"] == "tools"
+def test_tools_on_a_model_whose_template_ignores_them_use_the_built_in_prompt(threaded_server):
+    """The default model's template has no tools: they are written into its system turn (chat/tool_prompt.py)."""
+    default_model = OpenAI(base_url=threaded_server.api_url, api_key="unused", max_retries=0, timeout=300)
+    plain = default_model.chat.completions.create(model="", messages=QUESTION, max_tokens=1, temperature=0)
+    reply = default_model.chat.completions.create(model="", messages=QUESTION, tools=TOOLS, max_tokens=100,
+                                                  temperature=0, tool_choice=WEATHER_CHOICE)
+    assert reply.usage.prompt_tokens > plain.usage.prompt_tokens + 100  # the tools section is in the prompt
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert_valid_call("get_weather", call.function.arguments)
+    none = default_model.chat.completions.create(model="", messages=QUESTION, tools=TOOLS, max_tokens=1,
+                                                 temperature=0, tool_choice="none")
+    assert none.usage.prompt_tokens == plain.usage.prompt_tokens  # 'none' shows no tools

@@ -20,7 +20,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nitro_torch.config import Config
-from nitro_torch.server.errors import APIError
+from nitro_torch.server.http.errors import APIError
 
 logger = logging.getLogger("nitro_torch.server")
 
@@ -31,7 +31,7 @@ PUBLIC_PREFIXES: tuple[str, ...] = ("/static/",)
 METRICS_PATHS: frozenset[str] = frozenset({"/metrics"})
 """Answer without the API key only with --metrics-public."""
 INVALID_KEY_MESSAGE = (
-    "Incorrect API key provided. Send the server's API key as 'Authorization: Bearer <key>' "
+    "Incorrect API key provided. Send the server's API key as 'Authorization: Bearer <key>' or 'x-api-key: <key>' "
     "(set with --api-key or --api-key-file)."
 )
 _SEND_ADMIN_KEY = ("it needs the server's admin API key as 'Authorization: Bearer <admin key>' (set with "
@@ -67,13 +67,21 @@ def _bearer_token(scope: Scope) -> tuple[bool, bytes]:
     return scheme.lower() == b"bearer", token.strip()
 
 
+def _presented_keys(scope: Scope) -> list[bytes]:
+    """The Bearer token and the `x-api-key` header (Anthropic's clients send theirs there), those present."""
+    is_bearer, token = _bearer_token(scope)
+    x_api_key = _header(scope, b"x-api-key")
+    return [key for key in (token if is_bearer else None, x_api_key.strip() if x_api_key else None) if key]
+
+
 def _key_matches(token: bytes, key: bytes | None) -> bool:
     # compare_digest even without a key or with the wrong scheme, so timing says nothing about the keys
     return hmac.compare_digest(token, key or b"") and key is not None
 
 
 class APIKeyMiddleware:
-    """401 `invalid_api_key` unless the request carries `Authorization: Bearer <key>` (constant-time compares).
+    """401 `invalid_api_key` unless the request carries `Authorization: Bearer <key>` or `x-api-key: <key>`
+    (constant-time compares).
 
     `api_key` (the user key) guards every route but the exempt ones; None leaves them open. `admin_api_key`,
     when set, is the only key for the admin routes (a user key there: 403 `admin_key_required`) and is
@@ -88,9 +96,8 @@ class APIKeyMiddleware:
         self.exempt = exempt
 
     def authorized(self, scope: Scope) -> bool:
-        is_bearer, token = _bearer_token(scope)
-        user, admin = _key_matches(token, self._key), _key_matches(token, self._admin_key)
-        return is_bearer and (user or admin)
+        return any(_key_matches(token, self._key) or _key_matches(token, self._admin_key)
+                   for token in _presented_keys(scope))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -108,14 +115,13 @@ class APIKeyMiddleware:
             return
         logger.info("%d: %s for %s %s", error.status, error.code, scope["method"], scope["path"])
         headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-        await error.response(headers=headers)(scope, receive, send)
+        await error.response(headers=headers, path=path)(scope, receive, send)
 
     def _admin_error(self, scope: Scope) -> APIError | None:
-        is_bearer, token = _bearer_token(scope)
-        admin, user = _key_matches(token, self._admin_key), _key_matches(token, self._key)
-        if is_bearer and admin:
+        tokens = _presented_keys(scope)
+        if any(_key_matches(token, self._admin_key) for token in tokens):
             return None
-        if is_bearer and user:
+        if any(_key_matches(token, self._key) for token in tokens):
             return APIError(403, ADMIN_KEY_MESSAGE, type="permission_error", code="admin_key_required")
         return _invalid_key_error(INVALID_ADMIN_KEY_MESSAGE)
 
@@ -189,7 +195,8 @@ def middleware(config: Config) -> list[Middleware]:
     if origins:
         # Bearer keys, not cookies: never allow_credentials (and never with "*").
         stack.append(Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
-                                allow_headers=["Authorization", "Content-Type"], expose_headers=["X-Request-Id"],
+                                allow_headers=["Authorization", "Content-Type", "X-Api-Key", "Anthropic-Version"],
+                                expose_headers=["X-Request-Id"],
                                 allow_credentials=False))
     if security.api_key or security.admin_api_key:
         stack.append(Middleware(APIKeyMiddleware, api_key=security.api_key, exempt=exempt_paths(config),

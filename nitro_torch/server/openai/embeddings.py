@@ -14,16 +14,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from transformers import PreTrainedTokenizerBase
 
-from nitro_torch.server.context import (
+from nitro_torch.server.http.context import (
     ClientDisconnected,
-    check_model_name,
     check_token_list,
     get_engine,
     parse_body,
     until_disconnect,
 )
-from nitro_torch.server.errors import APIError
-from nitro_torch.server.sampling_fields import _Lenient
+from nitro_torch.server.http.errors import APIError
+from nitro_torch.server.http.schema import LenientModel
+from nitro_torch.server.model_names import check_model_name
 
 logger = logging.getLogger("nitro_torch.server")
 
@@ -34,7 +34,7 @@ def _is_token_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
-class EmbeddingRequest(_Lenient):
+class EmbeddingRequest(LenientModel):
     model: str | None = ""
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] | None = "float"

@@ -9,7 +9,7 @@ graceful exit, so the process exits 0 (SIGINT still is: Ctrl-C ends the process 
 
 At that deadline uvicorn cancels what still runs, which would cut a stream mid-chunk with neither an error nor
 `[DONE]`. So a `StreamDeadline` (on `app.state.stream_deadline`) comes STREAM_END_MARGIN_S earlier: the streams still
-open then end with an error event and `[DONE]` (server/streaming.py), and their engine requests are aborted.
+open then end with an error event and `[DONE]` (http/sse.py), and their engine requests are aborted.
 """
 
 from __future__ import annotations

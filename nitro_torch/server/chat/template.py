@@ -16,15 +16,15 @@ from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from nitro_torch.config import ChatConfig
-from nitro_torch.server.control_tokens import (
+from nitro_torch.server.chat.control_tokens import (
     control_token_pattern,
     encode_marked,
     holds_control_token,
     mark,
     special_token_frame,
 )
-from nitro_torch.server.errors import APIError
-from nitro_torch.server.protocol import CHAT_ROLES, ChatMessage
+from nitro_torch.server.chat.protocol import CHAT_ROLES, ChatMessage
+from nitro_torch.server.http.errors import APIError
 
 _ROLE_ALIASES = {"developer": "system"}
 TEXT_PART_SEPARATOR = "\n"

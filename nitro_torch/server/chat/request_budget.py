@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from starlette.requests import Request
 
-from nitro_torch.server.errors import APIError
+from nitro_torch.server.http.errors import APIError
 
 CONTEXT_WINDOWS_PER_REQUEST = 4
 """The default --max-request-tokens, in context windows: n=4 choices may each fill the window."""

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from nitro_torch.engine.client import ContextLengthExceeded, EngineDeadError
 from nitro_torch.sampling import SamplingParamsError
-from nitro_torch.server.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger("nitro_torch.server")
 
 BODY_TIMED_OUT = "nitro_torch.body_timed_out"
-"""Scope key the connection layer (server/connections.py) sets on a request whose body missed --body-timeout."""
+"""Scope key the connection layer (http/connections.py) sets on a request whose body missed --body-timeout."""
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -31,6 +31,17 @@ _TYPE_BY_STATUS = {
     429: "rate_limit_exceeded",
     503: "service_unavailable",
 }
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
 
 
 class APIError(Exception):
@@ -58,8 +69,26 @@ class APIError(Exception):
         info = ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
         return ErrorResponse(error=info).model_dump()
 
-    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=headers or self.headers)
+    def response(self, headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
+        """`path`: the request's, which picks the error shape (see register_error_shape)."""
+        return JSONResponse(error_body(self, path), status_code=self.status, headers=headers or self.headers)
+
+
+ErrorRenderer = Callable[[APIError], dict[str, Any]]
+_ERROR_SHAPES: dict[str, ErrorRenderer] = {}
+
+
+def register_error_shape(path_prefix: str, render: ErrorRenderer) -> None:
+    """Errors answered on `path_prefix` or below it are written by `render`, the middlewares' included: an API
+    whose clients expect their own error body (Anthropic's /v1/messages)."""
+    _ERROR_SHAPES[path_prefix] = render
+
+
+def error_body(error: APIError, path: str = "") -> dict[str, Any]:
+    for prefix, render in _ERROR_SHAPES.items():
+        if path == prefix or path.startswith(prefix + "/"):
+            return render(error)
+    return error.body()
 
 
 def invalid_json_error(exc: json.JSONDecodeError) -> APIError:
@@ -97,24 +126,28 @@ def sampling_params_error(exc: SamplingParamsError) -> APIError:
     return APIError(400, str(exc), param=exc.param, code="invalid_value")
 
 
+def _path(request: Request) -> str:
+    return request.scope.get("path", "")
+
+
 async def handle_api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
-    return exc.response()
+    return exc.response(path=_path(request))
 
 
 async def handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ValidationError)
-    return validation_error(exc).response()
+    return validation_error(exc).response(path=_path(request))
 
 
 async def handle_sampling_params_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, SamplingParamsError)
-    return sampling_params_error(exc).response()
+    return sampling_params_error(exc).response(path=_path(request))
 
 
 async def handle_context_length_exceeded(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ContextLengthExceeded)
-    return context_length_error(exc).response()
+    return context_length_error(exc).response(path=_path(request))
 
 
 async def handle_http_exception(request: Request, exc: Exception) -> JSONResponse:
@@ -136,13 +169,13 @@ async def handle_http_exception(request: Request, exc: Exception) -> JSONRespons
         )
     else:
         error = APIError(exc.status_code, str(exc.detail))
-    return error.response(headers=headers or None)
+    return error.response(headers=headers or None, path=_path(request))
 
 
 async def handle_engine_error(request: Request, exc: Exception) -> JSONResponse:
     logger.error("engine error on %s %s: %s", request.method, request.url.path, exc)
     return APIError(503, "The inference engine has stopped; the request was not served.", type="server_error",
-                    code="engine_dead").response()
+                    code="engine_dead").response(path=_path(request))
 
 
 async def handle_client_disconnect(request: Request, exc: Exception) -> Response:
@@ -157,7 +190,7 @@ async def handle_unexpected_error(request: Request, exc: Exception) -> JSONRespo
     # The details go to the server log only: a client must never see paths or stack frames.
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return APIError(500, "The server had an error while processing your request.", type="server_error",
-                    code="internal_error").response()
+                    code="internal_error").response(path=_path(request))
 
 
 EXCEPTION_HANDLERS = {

@@ -28,15 +28,15 @@ from typing import TYPE_CHECKING, Any
 
 from nitro_torch.runner.guided import check_compiles, checking_compiler, grammar_of
 from nitro_torch.sampling import GuidedDecoding, SamplingParamsError
-from nitro_torch.server.errors import APIError
-from nitro_torch.server.response_format import constraint
-from nitro_torch.server.tools import check_each_forced_tool, explain_unenforceable
+from nitro_torch.server.chat.response_format import constraint
+from nitro_torch.server.chat.tools import check_each_forced_tool, explain_unenforceable
+from nitro_torch.server.http.errors import APIError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from nitro_torch.sampling import SamplingParams
-    from nitro_torch.server.protocol import ChatCompletionRequest
+    from nitro_torch.server.chat.protocol import ChatCompletionRequest
 
 MAX_SPEC_CHARS = 256 * 1024
 MAX_SPEC_DEPTH = 128

@@ -1,8 +1,9 @@
 """OpenAI tools / tool_choice for chat completions: request models, what the chat template gets, and the
-grammar that forces a call when the client requires one. Output parsing lives in tool_parsers.py.
+grammar that forces a call when the client requires one. Output parsing lives in tool_parsers.py; the built-in
+tool prompt for templates that cannot render tools lives in tool_prompt.py.
 
-Errors are SamplingParamsError (a 400 naming the field): protocol.py imports this module, so it cannot use
-errors.py, which imports protocol.py."""
+Errors are SamplingParamsError, which http/errors.py answers as a 400 naming the field: the request schemas
+need nothing of the HTTP layer."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from typing import Any, Literal
 
 from jinja2 import Environment, meta
 from jinja2.exceptions import TemplateSyntaxError
-from pydantic import BaseModel, ConfigDict, StrictBool, field_validator
+from pydantic import StrictBool, field_validator
 
 from nitro_torch.sampling import GuidedDecoding, SamplingParamsError
-from nitro_torch.server.tool_parsers import (
+from nitro_torch.server.chat.tool_parsers import (
     HERMES,
     LLAMA3_JSON,
     MISTRAL,
@@ -30,6 +31,7 @@ from nitro_torch.server.tool_parsers import (
     resolve_format,
     template_source,
 )
+from nitro_torch.server.http.schema import LenientModel
 
 __all__ = [
     "FunctionDefinition",
@@ -39,9 +41,9 @@ __all__ = [
     "ToolChoice",
     "ToolDefinition",
     "ToolFields",
-    "check_tools_supported",
     "parse_tool_calls",
     "template_messages_for_tools",
+    "template_renders_tools",
     "template_tools",
     "tool_choice_guidance",
     "validate_tool_choice",
@@ -55,11 +57,8 @@ MAX_JSON_WHITESPACE = 4
 bound on the runs of blanks an undertrained model can otherwise fall into."""
 
 
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
 
-
-class FunctionDefinition(_Lenient):
+class FunctionDefinition(LenientModel):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
@@ -78,7 +77,7 @@ class FunctionDefinition(_Lenient):
         return self.parameters if self.parameters is not None else EMPTY_PARAMETERS
 
 
-class ToolDefinition(_Lenient):
+class ToolDefinition(LenientModel):
     type: Literal["function"]
     function: FunctionDefinition
 
@@ -95,7 +94,7 @@ class ToolChoice:
         return self.mode in ("required", "function")
 
 
-class ToolFields(_Lenient):
+class ToolFields(LenientModel):
     """The tool fields of a chat-completions request, for ChatCompletionRequest to inherit."""
 
     tools: list[ToolDefinition] | None = None
@@ -119,13 +118,12 @@ def validate_tool_choice(tool_choice: str | dict[str, Any] | None, tools: list[T
     names = [tool.function.name for tool in tools or []]
     if tool_choice is None:
         return ToolChoice("auto" if names else "none")
+    if not names:
+        raise SamplingParamsError("tool_choice", "'tool_choice' is only allowed when 'tools' are specified.")
     if isinstance(tool_choice, str):
         if tool_choice not in ("none", "auto", "required"):
             raise SamplingParamsError("tool_choice", f"Invalid value for 'tool_choice': '{tool_choice}'. Supported "
                                                      "values are: 'none', 'auto', 'required' or a named function.")
-        if tool_choice == "required" and not names:
-            raise SamplingParamsError("tool_choice", "'tool_choice' 'required' is only allowed when 'tools' are "
-                                                     "specified.")
         return ToolChoice(tool_choice)  # type: ignore[arg-type]
     function = tool_choice.get("function")
     name = function.get("name") if isinstance(function, dict) else None
@@ -146,11 +144,10 @@ def _template_uses_tools(source: str) -> bool:
         return "tools" in source
 
 
-def check_tools_supported(tokenizer: Any) -> None:
-    """400 on `tools` unless the model's chat template renders them (it names the variable somewhere)."""
-    if not _template_uses_tools(template_source(tokenizer)):
-        raise SamplingParamsError("tools", "The loaded model's chat template has no support for tools, so 'tools' "
-                                           "cannot be used with this model.")
+def template_renders_tools(tokenizer: Any) -> bool:
+    """Whether the model's chat template renders `tools` (it names the variable somewhere); if not, tool_prompt.py
+    writes them into the conversation instead."""
+    return _template_uses_tools(template_source(tokenizer))
 
 
 def template_tools(tools: list[ToolDefinition] | None, tool_choice: ToolChoice) -> list[dict[str, Any]] | None:

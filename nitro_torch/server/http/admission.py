@@ -24,10 +24,10 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from nitro_torch.server.errors import APIError
+from nitro_torch.server.http.errors import APIError, error_body
 
 ENGINE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/inferences/llamacpp/chat_completion",
-                          "/v1/embeddings"})
+                          "/v1/embeddings", "/v1/messages"})
 """Routes that queue work in the engine (matched case-insensitively, as Nitro's paths are). An embedding
 request never becomes a live generation, so it counts as waiting for as long as it is served."""
 PROBE_PATHS = frozenset({"/health", "/ready", "/healthz", "/metrics"})
@@ -57,8 +57,8 @@ def overloaded_error(limit: int) -> APIError:
                     type="rate_limit_exceeded", code="too_many_requests", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
-async def _send_error(send: Send, error: APIError, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps(error.body()).encode()
+async def _send_error(send: Send, error: APIError, headers: dict[str, str] | None = None, path: str = "") -> None:
+    body = json.dumps(error_body(error, path)).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": error.status, "headers": raw_headers})
@@ -94,7 +94,7 @@ class AdmissionMiddleware:
             return
         path = scope.get("path", "").lower().rstrip("/") or "/"
         if getattr(state, "draining", False) and path not in PROBE_PATHS:
-            await _send_error(send, draining_error(), {"Connection": "close"})
+            await _send_error(send, draining_error(), {"Connection": "close"}, path)
             return
         limit = self.max_request_bytes
         if limit > 0:
@@ -105,7 +105,7 @@ class AdmissionMiddleware:
                     except ValueError:
                         declared = 0
                     if declared > limit:
-                        await _send_error(send, too_large_error(limit), {"Connection": "close"})
+                        await _send_error(send, too_large_error(limit), {"Connection": "close"}, path)
                         return
         queues_work = scope.get("method") == "POST" and path in ENGINE_PATHS
         admitted = False
@@ -129,7 +129,7 @@ class AdmissionMiddleware:
             await self.app(scope, self._reading(receive, limit, admit if queues_work else None), tracking_send)
         except _RefusedWhileReading as refused:  # an app without the APIError handler
             if not started:
-                await _send_error(send, refused, refused.headers)
+                await _send_error(send, refused, refused.headers, path)
         finally:
             if admitted:
                 self.pending -= 1

@@ -12,19 +12,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from nitro_torch.server.chat_template import to_template_messages
-from nitro_torch.server.context import (
-    chat_formatter,
-    check_model_name,
+from nitro_torch.server.chat.preprocess import chat_formatter
+from nitro_torch.server.chat.protocol import ChatMessage
+from nitro_torch.server.chat.template import to_template_messages
+from nitro_torch.server.http.context import (
     get_engine,
     parse_body,
 )
-from nitro_torch.server.errors import APIError
-from nitro_torch.server.protocol import ChatMessage
-from nitro_torch.server.sampling_fields import _Lenient
+from nitro_torch.server.http.errors import APIError
+from nitro_torch.server.http.schema import LenientModel
+from nitro_torch.server.model_names import check_model_name
 
 
-class TokenizeRequest(_Lenient):
+class TokenizeRequest(LenientModel):
     model: str | None = ""
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
@@ -41,7 +41,7 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(_Lenient):
+class DetokenizeRequest(LenientModel):
     model: str | None = ""
     tokens: list[int]
 

@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from nitro_torch.engine.outputs import TokenLogprob
-from nitro_torch.server.protocol import ChoiceLogprobs, TokenLogprobEntry, TopLogprob
+from nitro_torch.server.chat.protocol import ChoiceLogprobs, TokenLogprobEntry, TopLogprob
 
 
 @functools.cache

@@ -17,9 +17,8 @@ from nitro_torch import __version__
 from nitro_torch.engine.client import generate_choices
 from nitro_torch.engine.outputs import FinishReason, RequestOutput, TokenLogprob
 from nitro_torch.sampling import SamplingParams
-from nitro_torch.server.errors import APIError
-from nitro_torch.server.logprobs import TokenTexts, to_openai_logprobs
-from nitro_torch.server.protocol import (
+from nitro_torch.server.chat.logprobs import TokenTexts, to_openai_logprobs
+from nitro_torch.server.chat.protocol import (
     AssistantMessage,
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -28,7 +27,8 @@ from nitro_torch.server.protocol import (
     ChoiceLogprobs,
     Usage,
 )
-from nitro_torch.server.streaming import DONE_EVENT, INTERNAL_ERROR_EVENT, sse_event
+from nitro_torch.server.http.errors import APIError
+from nitro_torch.server.http.sse import DONE_EVENT, INTERNAL_ERROR_EVENT, sse_event
 
 if TYPE_CHECKING:
     from nitro_torch.engine.client import EngineClient

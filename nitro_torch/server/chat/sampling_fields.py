@@ -1,33 +1,29 @@
 """Request fields every generating endpoint shares (OpenAI's plus vLLM's extras) and their SamplingParams.
 
-ChatCompletionRequest (protocol.py) and CompletionRequest (text_completions.py) build on SamplingFields.
+ChatCompletionRequest (protocol.py) and CompletionRequest (openai/completions.py) build on SamplingFields.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, StrictBool, field_validator
+from pydantic import StrictBool, field_validator
 
 from nitro_torch.sampling import SamplingParams, SamplingParamsError
+from nitro_torch.server.http.schema import LenientModel
 
 SEED_RANGE = (-(2**63), 2**64 - 1)
 MAX_N = 64
 
 
-class _Lenient(BaseModel):
-    """Unknown fields are ignored, as OpenAI does. Flags are StrictBool: OpenAI answers 400 to `"stream": "yes"`."""
 
-    model_config = ConfigDict(extra="ignore")
-
-
-class StreamOptions(_Lenient):
+class StreamOptions(LenientModel):
     include_usage: StrictBool | None = False
     continuous_usage_stats: StrictBool | None = False
     """vLLM's option: every chunk carries the usage so far."""
 
 
-class SamplingFields(_Lenient):
+class SamplingFields(LenientModel):
     model: str | None = ""
     temperature: float | None = None
     top_p: float | None = None

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import re
-import weakref
 from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -16,11 +15,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive
 
 from nitro_torch.sampling import SamplingParams, SamplingParamsError
-from nitro_torch.server.chat_template import ChatFormatter
-from nitro_torch.server.errors import APIError, invalid_json_error, validation_error
-from nitro_torch.server.logprobs import TokenTexts
+from nitro_torch.server.http.errors import APIError, invalid_json_error, validation_error
+from nitro_torch.server.http.sse import SSEResponse
 from nitro_torch.server.model_host import lease_holder
-from nitro_torch.server.streaming import SSEResponse
 
 if TYPE_CHECKING:
     from nitro_torch.engine.client import EngineClient
@@ -56,13 +53,6 @@ def get_engine(request: Request) -> EngineClient:
     else:
         holder.lease = lease
     return lease.engine
-
-
-def token_texts(request: Request, engine: EngineClient) -> TokenTexts:
-    texts = getattr(request.app.state, "token_texts", None)
-    if texts is None or texts.tokenizer is not engine.tokenizer:
-        texts = request.app.state.token_texts = TokenTexts(engine.tokenizer)
-    return texts
 
 
 MAX_JSON_DEPTH = 128
@@ -151,33 +141,6 @@ async def until_disconnect(request: Request, work: Awaitable[_T]) -> _T:
     return work_task.result()
 
 
-_formatters: weakref.WeakKeyDictionary[Any, ChatFormatter] = weakref.WeakKeyDictionary()
-
-
-def chat_formatter(engine: EngineClient) -> ChatFormatter:
-    """How the engine's model turns conversations into prompts (its template, or Nitro's prompt prefixes)."""
-    formatter = _formatters.get(engine)
-    if formatter is None:
-        formatter = _formatters[engine] = ChatFormatter.from_config(engine.tokenizer, engine.config.chat)
-    return formatter
-
-
-def check_model_name(request: Request, engine: EngineClient, requested: str | None) -> None:
-    """`model` may be empty (Nitro clients send "") or name the loaded model (its served name or --model value).
-
-    A model loaded through Nitro's loadmodel answers to any name, as Nitro did: its clients use their own ids.
-    """
-    if not requested:
-        return
-    host = getattr(request.app.state, "host", None)
-    if host is not None and host.serving is not None and host.serving.any_model_name:
-        return
-    known = {engine.model_name, engine.config.model.model}
-    if requested not in known:
-        raise APIError(404, f"The model '{requested}' does not exist; this server serves '{engine.model_name}'.",
-                       type="invalid_request_error", param="model", code="model_not_found")
-
-
 def check_token_list(ids: list[int], vocab_size: int, param: str, what: str) -> None:
     """400 unless `ids` (the token ids of one prompt or input, named `what` in the message) are in the vocabulary."""
     if not ids:
@@ -207,7 +170,7 @@ class Generation(Protocol):
 async def respond(request: Request, generation: Generation, stream: bool) -> Response:
     """SSE when `stream`, else the whole answer; a client that leaves early aborts the generation."""
     if stream:
-        return SSEResponse(generation.stream())
+        return SSEResponse(generation.stream(), getattr(generation, "shutdown_events", None))
     try:
         result = await until_disconnect(request, generation.collect())
     except ClientDisconnected:

@@ -25,7 +25,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nitro_torch.config import ServerConfig
-from nitro_torch.server.errors import BODY_TIMED_OUT, APIError
+from nitro_torch.server.http.errors import BODY_TIMED_OUT, APIError
 
 logger = logging.getLogger("nitro_torch.server")
 

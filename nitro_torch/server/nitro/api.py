@@ -23,12 +23,11 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from nitro_torch.config import ChatConfig, Config, ConfigError
-from nitro_torch.server import openai_api
-from nitro_torch.server.context import parse_body
-from nitro_torch.server.embeddings_api import create_embeddings
-from nitro_torch.server.errors import APIError
+from nitro_torch.server.http.context import parse_body
+from nitro_torch.server.http.errors import APIError
 from nitro_torch.server.model_host import ModelLoadError, Serving, get_host
-from nitro_torch.server.protocol import ModelList
+from nitro_torch.server.openai import chat as openai_chat
+from nitro_torch.server.openai.embeddings import create_embeddings
 
 logger = logging.getLogger("nitro_torch.server")
 
@@ -160,13 +159,6 @@ async def healthz(request: Request) -> JSONResponse:
                          "model_loaded": get_host(request).engine is not None})
 
 
-async def list_models(request: Request) -> Response:
-    """/v1/models: an empty list once no model is loaded, else the OpenAI route's answer."""
-    if get_host(request).engine is None:
-        return JSONResponse(ModelList(data=[]).model_dump())
-    return await openai_api.list_models(request)
-
-
 def _model_facts(serving: Serving) -> dict[str, Any]:
     engine, config = serving.engine, serving.config
     prompts = {k: v for k, v in vars(config.chat).items() if k in PROMPT_FIELDS and v is not None}
@@ -276,14 +268,11 @@ async def embedding(request: Request) -> Response:
     return await create_embeddings(request)
 
 
-# Must come before openai_api.routes: it answers /v1/models with an empty list when no model is loaded.
-override_routes = [Route("/v1/models", list_models, methods=["GET"])]
-
 routes = [
     Route(f"{PREFIX}/loadmodel", load_model, methods=["POST"]),
     Route(f"{PREFIX}/unloadmodel", unload_model, methods=["GET", "POST"]),
     Route(f"{PREFIX}/modelstatus", model_status, methods=["GET", "POST"]),
-    Route(f"{PREFIX}/chat_completion", openai_api.chat_completions, methods=["POST"]),
+    Route(f"{PREFIX}/chat_completion", openai_chat.chat_completions, methods=["POST"]),
     Route(f"{PREFIX}/embedding", embedding, methods=["POST"]),
     Route("/healthz", healthz, methods=["GET"]),
 ]

@@ -7,16 +7,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, StrictBool, ValidationInfo, field_validator, model_serializer, model_validator
 
 from nitro_torch.sampling import SamplingParams, SamplingParamsError
-from nitro_torch.server.response_format import guided_decoding
-from nitro_torch.server.sampling_fields import SamplingFields, _Lenient
-from nitro_torch.server.tools import ToolFields
+from nitro_torch.server.chat.response_format import guided_decoding
+from nitro_torch.server.chat.sampling_fields import SamplingFields
+from nitro_torch.server.chat.tools import ToolFields
+from nitro_torch.server.http.schema import LenientModel
 
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_MESSAGES = 2048
 """More messages are a 400 before any templating work; the context window usually ends a chat long before."""
 
 
-class ChatMessage(_Lenient):
+class ChatMessage(LenientModel):
     role: str
     content: str | list[dict[str, Any]] | None
     """Required, as OpenAI has it, except in assistant messages (a turn of tool calls has none)."""
@@ -203,14 +204,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo

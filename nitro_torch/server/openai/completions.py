@@ -23,20 +23,20 @@ from transformers import PreTrainedTokenizerBase
 from nitro_torch.engine.client import ContextLengthExceeded, check_context_length, generate_choices
 from nitro_torch.engine.outputs import FinishReason, RequestOutput
 from nitro_torch.sampling import SamplingParams, SamplingParamsError
-from nitro_torch.server.completion import SYSTEM_FINGERPRINT
-from nitro_torch.server.context import (
-    check_model_name,
+from nitro_torch.server.chat.generation import SYSTEM_FINGERPRINT
+from nitro_torch.server.chat.protocol import Usage
+from nitro_torch.server.chat.request_budget import check_budget_of, client_of
+from nitro_torch.server.chat.sampling_fields import SamplingFields
+from nitro_torch.server.http.context import (
     check_token_ids,
     check_token_list,
     get_engine,
     parse_body,
     respond,
 )
-from nitro_torch.server.errors import APIError
-from nitro_torch.server.protocol import Usage
-from nitro_torch.server.request_budget import check_budget_of, client_of
-from nitro_torch.server.sampling_fields import SamplingFields
-from nitro_torch.server.streaming import DONE_EVENT, INTERNAL_ERROR_EVENT, sse_event
+from nitro_torch.server.http.errors import APIError
+from nitro_torch.server.http.sse import DONE_EVENT, INTERNAL_ERROR_EVENT, sse_event
+from nitro_torch.server.model_names import check_model_name
 
 if TYPE_CHECKING:
     from nitro_torch.engine.client import EngineClient
@@ -230,7 +230,7 @@ async def create_completion(request: Request) -> Response:
     engine = get_engine(request)
     body = await parse_body(request, CompletionRequest)
     check_model_name(request, engine, body.model)
-    params = body.to_sampling_params()  # SamplingParamsError becomes a 400 in errors.py
+    params = body.to_sampling_params()  # SamplingParamsError becomes a 400 in http/errors.py
     check_token_ids(params, len(engine.tokenizer))
     prompts = prompt_token_lists(engine.tokenizer, body.prompts)
     for index, ids in enumerate(prompts):
