@@ -13,14 +13,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from nitro_torch.sampling import SamplingParamsError
 from nitro_torch.server.anthropic.convert import to_chat_request
 from nitro_torch.server.anthropic.errors import PATH_PREFIX, renamed
 from nitro_torch.server.anthropic.protocol import CountTokensRequest, CountTokensResponse, MessagesRequest
 from nitro_torch.server.anthropic.stream import MessageGeneration
-from nitro_torch.server.chat.preprocess import PreparedChat, prepare_chat
+from nitro_torch.server.chat.preprocess import PreparedChat, prepare_translated_chat
 from nitro_torch.server.http.context import get_engine, parse_body, respond
-from nitro_torch.server.http.errors import APIError, sampling_params_error
 from nitro_torch.server.model_names import check_model_name
 
 if TYPE_CHECKING:
@@ -30,13 +28,7 @@ if TYPE_CHECKING:
 async def _prepare(request: Request, engine: EngineClient, body: CountTokensRequest) -> PreparedChat:
     """The chat pipeline's preparation; its errors name the fields as the Anthropic request spells them."""
     check_model_name(request, engine, body.model)
-    chat = to_chat_request(body)
-    try:
-        return await prepare_chat(request, engine, chat)
-    except SamplingParamsError as exc:
-        raise renamed(sampling_params_error(exc)) from None
-    except APIError as exc:
-        raise renamed(exc) from None
+    return await prepare_translated_chat(request, engine, to_chat_request(body), renamed)
 
 
 async def create_message(request: Request) -> Response:

@@ -16,7 +16,6 @@ from nitro_torch.server.http.schema import LenientModel
 StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
 
 
-
 class MessageParam(LenientModel):
     role: Literal["user", "assistant"]
     content: str | list[dict[str, Any]]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 
-from nitro_torch.engine.client import check_context_length
+from nitro_torch.engine.client import ContextLengthExceeded, check_context_length
 from nitro_torch.sampling import SamplingParams, SamplingParamsError
 from nitro_torch.server.chat.generation import Completion, OutputParser
 from nitro_torch.server.chat.grammar_check import check_chat_grammar
@@ -28,6 +28,7 @@ from nitro_torch.server.chat.tools import (
     tool_choice_guidance,
 )
 from nitro_torch.server.http.context import check_token_ids
+from nitro_torch.server.http.errors import APIError, context_length_error, sampling_params_error
 
 if TYPE_CHECKING:
     from nitro_torch.engine.client import EngineClient
@@ -99,3 +100,17 @@ async def prepare_chat(request: Request, engine: EngineClient, body: ChatComplet
     await engine.prepare(params)
     parser_factory = (lambda: ToolCallStreamParser(rendering.format)) if tools else None
     return PreparedChat(prompt_ids, params, body.num_choices, parser_factory)
+
+
+async def prepare_translated_chat(request: Request, engine: EngineClient, body: ChatCompletionRequest,
+                                  rename: Callable[[APIError], APIError]) -> PreparedChat:
+    """prepare_chat for an API that translated its request into `body`: `rename` makes each 400 name the field
+    as that API's request spells it."""
+    try:
+        return await prepare_chat(request, engine, body)
+    except SamplingParamsError as exc:
+        raise rename(sampling_params_error(exc)) from None
+    except ContextLengthExceeded as exc:
+        raise rename(context_length_error(exc)) from None
+    except APIError as exc:
+        raise rename(exc) from None

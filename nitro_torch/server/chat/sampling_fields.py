@@ -16,7 +16,6 @@ SEED_RANGE = (-(2**63), 2**64 - 1)
 MAX_N = 64
 
 
-
 class StreamOptions(LenientModel):
     include_usage: StrictBool | None = False
     continuous_usage_stats: StrictBool | None = False

@@ -57,7 +57,6 @@ MAX_JSON_WHITESPACE = 4
 bound on the runs of blanks an undertrained model can otherwise fall into."""
 
 
-
 class FunctionDefinition(LenientModel):
     name: str
     description: str | None = None

@@ -32,6 +32,7 @@ _TYPE_BY_STATUS = {
     503: "service_unavailable",
 }
 
+
 class ErrorInfo(BaseModel):
     message: str
     type: str
@@ -41,7 +42,6 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
-
 
 
 class APIError(Exception):

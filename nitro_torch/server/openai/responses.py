@@ -6,18 +6,15 @@ output is rendered as Responses items (responses_stream.py). Stored responses li
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from nitro_torch.engine.client import ContextLengthExceeded
-from nitro_torch.sampling import SamplingParamsError
-from nitro_torch.server.chat.preprocess import PreparedChat, prepare_chat
-from nitro_torch.server.chat.protocol import ChatCompletionRequest
+from nitro_torch.server.chat.preprocess import prepare_translated_chat
 from nitro_torch.server.http.context import get_engine, parse_body, respond
-from nitro_torch.server.http.errors import APIError, context_length_error, sampling_params_error
+from nitro_torch.server.http.errors import APIError
 from nitro_torch.server.model_names import check_model_name
 from nitro_torch.server.openai.responses_protocol import (
     ResponseDeleted,
@@ -28,9 +25,6 @@ from nitro_torch.server.openai.responses_protocol import (
 )
 from nitro_torch.server.openai.responses_store import ResponseStore, StoredResponse, store_of
 from nitro_torch.server.openai.responses_stream import ResponseRun
-
-if TYPE_CHECKING:
-    from nitro_torch.engine.client import EngineClient
 
 CHAT_NAMES = (("response_format.json_schema", "text.format"), ("response_format", "text.format"),
               ("messages", "input"), ("max_tokens", "max_output_tokens"), ("logprobs", "include"))
@@ -45,17 +39,6 @@ def _renamed(error: APIError) -> APIError:
             param = name + param[len(chat_name):]
         message = message.replace(f"'{chat_name}", f"'{name}").replace(f"x {chat_name}", f"x {name}")
     return APIError(error.status, message, type=error.type, param=param, code=error.code, headers=error.headers)
-
-
-async def _prepare(request: Request, engine: EngineClient, chat: ChatCompletionRequest) -> PreparedChat:
-    try:
-        return await prepare_chat(request, engine, chat)
-    except SamplingParamsError as exc:
-        raise _renamed(sampling_params_error(exc)) from None
-    except ContextLengthExceeded as exc:
-        raise _renamed(context_length_error(exc)) from None
-    except APIError as exc:
-        raise _renamed(exc) from None
 
 
 def _keeps(body: ResponsesRequest, store: ResponseStore) -> bool:
@@ -87,7 +70,7 @@ async def create_response(request: Request) -> Response:
     keep = _keeps(body, store)
     history = _previous(body, store)
     chat, new = body.to_chat(list(history))
-    prepared = await _prepare(request, engine, chat)
+    prepared = await prepare_translated_chat(request, engine, chat, _renamed)
 
     def on_done(response: ResponseObject, output: list[dict[str, Any]]) -> None:
         if keep:
