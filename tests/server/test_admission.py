@@ -71,7 +71,7 @@ def test_overload_is_429_and_admitted_requests_complete(small_server):
     assert stats.kv_blocks_used == 0 and stats.num_waiting == 0
 
 
-def test_embeddings_count_against_the_queue_bound(small_server):
+def test_embeddings_responses_and_messages_count_against_the_queue_bound(small_server):
     base = small_server.base_url
     results: list = [None] * 3
     threads = [threading.Thread(target=_stream, args=(base, results, i)) for i in range(3)]
@@ -81,9 +81,13 @@ def test_embeddings_count_against_the_queue_bound(small_server):
     while small_server.engine.stats().num_waiting < 2 and time.monotonic() < deadline:
         time.sleep(0.02)  # one running and two waiting: the bound of 2 is reached
     refused = httpx.post(base + "/v1/embeddings", json={"model": "", "input": "hello"}, timeout=60)
+    refused_response = httpx.post(base + "/v1/responses", json={"input": "hello", "max_output_tokens": 2}, timeout=60)
+    refused_message = httpx.post(base + "/v1/messages", json={"messages": HELLO, "max_tokens": 2}, timeout=60)
     for thread in threads:
         thread.join(timeout=180)
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_requests"
+    assert refused_response.status_code == 429 and refused_response.json()["error"]["code"] == "too_many_requests"
+    assert refused_message.status_code == 429 and refused_message.json()["error"]["type"] == "rate_limit_error"
     assert [r[0] for r in results] == [200, 200, 200]
     answered = httpx.post(base + "/v1/embeddings", json={"model": "", "input": "hello"}, timeout=60)
     assert answered.status_code == 200

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     from nitro_torch.sampling import SamplingParams
     from nitro_torch.server.chat.protocol import ChatCompletionRequest
+    from nitro_torch.server.chat.tool_parsers import ToolFormat
 
 MAX_SPEC_CHARS = 256 * 1024
 MAX_SPEC_DEPTH = 128
@@ -196,9 +197,9 @@ def _key(tokenizer: Any, guided: GuidedDecoding, param: str) -> str:
 
 
 async def check_chat_grammar(tokenizer: PreTrainedTokenizerBase, body: ChatCompletionRequest,
-                             params: SamplingParams, tools_forced: bool) -> None:
+                             params: SamplingParams, tools_forced: bool, tool_format: ToolFormat) -> None:
     """400 naming the field unless the request's grammar (response_format, guided_*, structured_outputs, or
-    the tool calls a forced tool_choice makes) is valid and compiles within the limits."""
+    the tool calls a forced tool_choice makes, in `tool_format`) is valid and compiles within the limits."""
     guided = params.guided
     if guided is None:
         return
@@ -212,13 +213,13 @@ async def check_chat_grammar(tokenizer: PreTrainedTokenizerBase, body: ChatCompl
 
     def work() -> None:
         if tools_forced:  # each function's grammar alone first (milliseconds): it names the culprit
-            check_each_forced_tool(tokenizer, tools, choice, lambda one: grammar_of(one, param))
+            check_each_forced_tool(tool_format, tools, choice, lambda one: grammar_of(one, param))
         try:
             check_compiles(guided, param, tokenizer)
         except SamplingParamsError as exc:
             if not tools_forced:
                 raise
-            raise explain_unenforceable(tokenizer, tools, choice, exc,
+            raise explain_unenforceable(tool_format, tools, choice, exc,
                                         lambda one: check_compiles(one, param, tokenizer)) from None
 
     await CHECKER.check(_key(tokenizer, guided, param), param, work, warm_up=lambda: checking_compiler(tokenizer))

@@ -96,7 +96,8 @@ async def prepare_chat(request: Request, engine: EngineClient, body: ChatComplet
     check_context_length(len(prompt_ids), params.max_tokens, engine.max_model_len)
     check_budget_of(request, [len(prompt_ids)], body.num_choices, params.max_tokens, params.min_tokens,
                     engine.max_model_len)
-    await check_chat_grammar(engine.tokenizer, body, params, tools_forced=tools is not None and tool_choice.forced)
+    await check_chat_grammar(engine.tokenizer, body, params, tools_forced=tools is not None and tool_choice.forced,
+                             tool_format=rendering.format)
     await engine.prepare(params)
     parser_factory = (lambda: ToolCallStreamParser(rendering.format)) if tools else None
     return PreparedChat(prompt_ids, params, body.num_choices, parser_factory)

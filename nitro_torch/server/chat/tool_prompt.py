@@ -64,7 +64,8 @@ def render_tools(formatter: ChatFormatter, messages: list[dict[str, Any]],
     cannot render tools, offered or not: a history with calls and results needs it either way."""
     if not uses_tool_prompt(formatter):
         return ToolRendering(messages, tools, resolve_format(formatter.tokenizer), built_in=False)
-    system_turn = formatter.prefixes is not None or renders_system_turn(formatter.tokenizer)
+    # Only a tools section needs to know where it may go: no template probe for a plain chat.
+    system_turn = bool(tools) and (formatter.prefixes is not None or renders_system_turn(formatter.tokenizer))
     return ToolRendering(with_tool_prompt(messages, tools, system_turn=system_turn), None, HERMES, built_in=True)
 
 

@@ -235,18 +235,19 @@ def _check_enforceable(fmt: ToolFormat, guided: GuidedDecoding, tools: list[Tool
         raise _naming_the_culprit(fmt, tools, exc, lambda one: grammar_of(one, "tools")) from None
 
 
-def explain_unenforceable(tokenizer: Any, tools: list[ToolDefinition], tool_choice: ToolChoice,
+def explain_unenforceable(format_of: Any, tools: list[ToolDefinition], tool_choice: ToolChoice,
                           error: SamplingParamsError, check: Callable[[GuidedDecoding], Any]) -> SamplingParamsError:
-    """`error` (the forced calls' grammar failed `check`) reworded as a 400 on `tools` naming the function."""
-    fmt = resolve_format(tokenizer)
+    """`error` (the forced calls' grammar failed `check`) reworded as a 400 on `tools` naming the function;
+    `format_of`: the model's tokenizer, or the ToolFormat its prompt asks for."""
+    fmt = resolve_format(format_of)
     return _naming_the_culprit(fmt, _chosen(tools, tool_choice), error, check)
 
 
-def check_each_forced_tool(tokenizer: Any, tools: list[ToolDefinition], tool_choice: ToolChoice,
+def check_each_forced_tool(format_of: Any, tools: list[ToolDefinition], tool_choice: ToolChoice,
                            check: Callable[[GuidedDecoding], Any]) -> None:
     """Each function's call on its own: one whose schema admits no finite value would otherwise pass inside
     a grammar that offers other functions, and trap the model once it starts that call."""
-    fmt = resolve_format(tokenizer)
+    fmt = resolve_format(format_of)
     for tool in _chosen(tools, tool_choice):
         try:
             check(_forcing_tag(fmt, [tool], single=True))

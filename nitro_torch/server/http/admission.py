@@ -6,12 +6,12 @@ answers before any body is parsed or tokenized:
 * draining (`app.state.draining`, set by run_server as soon as SIGTERM/SIGINT arrives): every new request but
   the probes (`/health`, `/ready`, `/healthz`, `/metrics`) is 503 `server_draining`; requests already admitted
   finish undisturbed.
-* `--max-queued-requests`: an engine request (chat / text completions, embeddings) is admitted once its body has
-  been read (a slow upload waits for nothing but its own bytes, which --body-timeout bounds), and only while fewer
-  than that many requests wait for the engine: the engine's `num_waiting` plus the requests this layer admitted
-  that are not in the engine yet (tokenizing), less the engine's free running slots (`queued()`, which /metrics
-  exports as `nitro:num_requests_waiting`). Beyond it: 429 `too_many_requests` with Retry-After, raised from the
-  read that completes the body. 0 disables the bound.
+* `--max-queued-requests`: an engine request (chat, responses, messages, text completions, embeddings) is
+  admitted once its body has been read (a slow upload waits for nothing but its own bytes, which --body-timeout
+  bounds), and only while fewer than that many requests wait for the engine: the engine's `num_waiting` plus the
+  requests this layer admitted that are not in the engine yet (tokenizing), less the engine's free running slots
+  (`queued()`, which /metrics exports as `nitro:num_requests_waiting`). Beyond it: 429 `too_many_requests` with
+  Retry-After, raised from the read that completes the body. 0 disables the bound.
 * `--max-request-bytes`: a Content-Length over the limit is 413 at once; a body without (or with a lying)
   Content-Length is counted while it is read and cut off with 413 as soon as it passes the limit.
 """
@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from nitro_torch.server.http.errors import APIError, error_body
 
 ENGINE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/inferences/llamacpp/chat_completion",
-                          "/v1/embeddings", "/v1/messages"})
+                          "/v1/embeddings", "/v1/responses", "/v1/messages"})
 """Routes that queue work in the engine (matched case-insensitively, as Nitro's paths are). An embedding
 request never becomes a live generation, so it counts as waiting for as long as it is served."""
 PROBE_PATHS = frozenset({"/health", "/ready", "/healthz", "/metrics"})
