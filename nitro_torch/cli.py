@@ -1,4 +1,5 @@
-"""`nitro-torch serve [options]`, `nitro-torch chat [--url ...]`, `nitro-torch bench [...]`."""
+"""`nitro-torch serve [options]`, `nitro-torch chat [--url ...]`, `nitro-torch bench [...]`, `nitro-torch pull MODEL`,
+`nitro-torch models`."""
 
 from __future__ import annotations
 
@@ -34,19 +35,34 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _pull(args: argparse.Namespace) -> int:
+    from nitro_torch.model_commands import run_pull
+
+    return run_pull(args)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from nitro_torch.model_commands import run_models
+
+    return run_models(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nitro-torch", description="OpenAI-compatible LLM server on PyTorch")
     parser.add_argument("--version", action="version", version=f"nitro-torch {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser(
         "serve", help="serve the OpenAI-compatible HTTP API",
-        epilog="--model none starts without a model, as Nitro did: load one later with "
+        epilog="--model ORG/NAME serves a Hugging Face Hub model, downloading it into the HF cache first when it "
+               "is not there (HF_TOKEN for gated ones; HF_HUB_OFFLINE=1: the cache only). "
+               "--model none starts without a model, as Nitro did: load one later with "
                "POST /inferences/llamacpp/loadmodel (models can be switched the same way while the server runs).",
     )
     add_arguments(serve)
     serve.set_defaults(handler=_serve)
 
     from nitro_torch.bench.command import add_bench_arguments
+    from nitro_torch.model_commands import add_models_arguments, add_pull_arguments
     from nitro_torch.terminal_chat import add_chat_arguments
 
     chat = commands.add_parser("chat", help="chat with a running server in the terminal (streams; /reset, /system)")
@@ -55,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmark a running server (--url) or an in-process engine")
     add_bench_arguments(bench)
     bench.set_defaults(handler=_bench)
+    pull = commands.add_parser("pull", help="download a hub model into the Hugging Face cache (nothing else), "
+                                            "e.g. for an image or an air-gapped machine")
+    add_pull_arguments(pull)
+    pull.set_defaults(handler=_pull)
+    models = commands.add_parser("models", help="list the models in the Hugging Face cache: sizes, and the "
+                                                "--model names that serve them")
+    add_models_arguments(models)
+    models.set_defaults(handler=_models)
     return parser
 
 
@@ -64,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
-    except (ConfigError, FileNotFoundError) as exc:  # bad options, or a model that is not there
+    except (ConfigError, FileNotFoundError) as exc:  # bad options, or a model that is not there (or not fetched)
         parser.exit(2, f"nitro-torch: error: {exc}\n")
     except KeyboardInterrupt:
         return 130

@@ -29,15 +29,17 @@ def served_names(served_model_name: str | None) -> list[str]:
 
 @dataclass
 class ModelConfig:
-    model: str = field(default="default", metadata={"help": "'default' (embedded SmolLM2-135M-Instruct), a local HF folder, a hub id in the local HF cache, a .gguf file, or 'none' (start empty and wait for Nitro's loadmodel)"})
+    model: str = field(default="default", metadata={"help": "'default' (embedded SmolLM2-135M-Instruct), a local HF folder, a .gguf file, a hub name ORG/NAME[@REVISION] (served from the HF cache, downloaded into it first when missing), a GGUF quant ORG/NAME-GGUF:QUANT, or 'none' (start empty and wait for Nitro's loadmodel)"})
     served_model_name: str | None = field(default=None, metadata={"help": "the model's name in /v1/models and in answers (default: derived from --model); several comma-separated names are aliases, the first is reported"})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "weight dtype; auto = bfloat16 on CUDA, float32 on CPU"})
     device: Literal["auto", "cuda", "cpu"] = field(default="auto", metadata={"help": "auto = cuda when available"})
     device_map: Literal["none", "auto"] = field(default="none", metadata={"help": "auto: spread the layers over all visible GPUs with accelerate, for a model that does not fit one (eager decoding, one GPU computes at a time)"})
     max_model_len: int | None = field(default=None, metadata={"help": "context window (default: the model's)"})
+    hf_token_file: str | None = field(default=None, metadata={"help": "file holding the Hugging Face token (stripped) for gated or private hub models; instead of $HF_TOKEN"})
     model_cache_dir: str | None = field(default=None, metadata={"help": "where converted models are kept (default: $NITRO_HOME or ~/.cache/nitro_torch)"})
     quantization: Literal["none", "bnb-4bit", "bnb-8bit"] = field(default="none", metadata={"help": "bitsandbytes weights quantized at load; 4-bit is NF4 with double quantization and bf16 compute on CUDA"})
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit data type of --quantization bnb-4bit"})
+    cpu_weights: Literal["auto", "fp32", "int8", "int4"] = field(default="auto", metadata={"help": "linear-layer weights on the CPU: int4 = packed 4-bit groups (a GGUF file's own blocks, kept as stored; other models quantized at load), int8 = per-channel int8 quantized at load, fp32 = the float weights (the only mode token-identical to transformers); auto = int4 for a GGUF model, else fp32"})
 
 
 @dataclass

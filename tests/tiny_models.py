@@ -10,8 +10,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 
 def save_tiny_model(folder: Path, tokenizer: PreTrainedTokenizerBase, chat_template: str | None = None,
-                    seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> Path:
-    """A 2-layer Llama with `tokenizer` (and `chat_template` replacing its own when given) saved to `folder`."""
+                    seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
+                    max_shard_size: str | None = None) -> Path:
+    """A 2-layer Llama with `tokenizer` (and `chat_template` replacing its own when given) saved to `folder`
+    (in shards of `max_shard_size` with an index, when given)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
@@ -21,7 +23,7 @@ def save_tiny_model(folder: Path, tokenizer: PreTrainedTokenizerBase, chat_templ
     )
     model = LlamaForCausalLM(config).eval()
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     original = tokenizer.chat_template
     try:
         if chat_template is not None:

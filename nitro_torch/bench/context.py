@@ -38,6 +38,8 @@ class Workload:
     default_repeats: int = 1
     default_baseline_limit: int | None = None
     """Requests the HF baselines run when --baseline-limit is not given (None: all)."""
+    one_at_a_time: bool = False
+    """Every system runs the requests one after the other (a single user), not all at once."""
 
 
 @dataclass

@@ -84,7 +84,8 @@ class ServerSystem(System):
         return stream_request(self.server, path, body)
 
     def generate(self, requests: Sequence[BenchRequest]) -> Outputs:
-        workers = min(self.ctx.args.concurrency or len(requests), len(requests))
+        workers = self.ctx.args.concurrency or (1 if self.ctx.workload.one_at_a_time else len(requests))
+        workers = min(workers, len(requests))
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bench-http") as pool:
             results = list(pool.map(self._send, requests))

@@ -104,8 +104,24 @@ def build_w256_requests(args: argparse.Namespace, source: ModelSource) -> list[B
     return random_requests(_vocab_size(source), 256, (64, 512), (64, 256), seed=args.seed)
 
 
+DECODE_CHATS = 4
+DECODE_TOKENS = 128
+
+
+def resolve_decode_model(args: argparse.Namespace, workload: Workload) -> ModelSource:
+    """On a CPU, the embedded model (what a single user of `scripts/serve` gets); on a GPU, or with --shape, the
+    random-init shape."""
+    if args.model_path or (not args.shape and resolve_device(workload.device) == "cpu"):
+        return resolve_default_model(args, workload)
+    return resolve_random_model(args, workload)
+
+
 def build_decode_requests(args: argparse.Namespace, source: ModelSource) -> list[BenchRequest]:
-    return random_requests(_vocab_size(source), 1, (32, 32), (128, 128), seed=args.seed)
+    """The first chats of chat-64, each to 128 tokens, for a real model; one random 32-token prompt otherwise."""
+    if source.built_in_memory or source.shape:
+        return random_requests(_vocab_size(source), 1, (32, 32), (DECODE_TOKENS, DECODE_TOKENS), seed=args.seed)
+    chats = chat_requests(load_tokenizer(source), num_requests=DECODE_CHATS, seed=args.seed)
+    return [chat._replace(max_tokens=DECODE_TOKENS) for chat in chats]
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -135,15 +151,18 @@ WORKLOADS: dict[str, Workload] = {
         ),
         Workload(
             name="decode-b1",
-            description="batch-1 decode: one stream, 32-token random prompt, 128 new tokens, EOS ignored, greedy; "
-            "random-init llama shape, bf16 on CUDA (fp32 on CPU), optionally bnb-quantized",
-            resolve_model=resolve_random_model,
+            description="batch-1 decode, one request after the other, 128 new tokens each, EOS ignored, greedy: on "
+            "a CPU the first 4 chats of chat-64 on the embedded model (its GGUF weights: nitro packed, nitro-fp32 "
+            "and HF float32); on CUDA one 32-token random prompt on a random-init llama shape (bf16, optionally "
+            "bnb-quantized)",
+            resolve_model=resolve_decode_model,
             build_requests=build_decode_requests,
             static_batch_size=1,
-            default_systems=("nitro", "hf-static"),
+            default_systems=("nitro", "nitro-fp32", "hf-static"),
             bound="bandwidth",
             default_shape="llama-8b",
             default_repeats=3,
+            one_at_a_time=True,
         ),
     )
 }
@@ -264,6 +283,8 @@ def run(args: argparse.Namespace, reexec_argv: Sequence[str] | None = None) -> i
     roofs = rooflines(ctx, results, dims, ceilings)
     print()
     print(results_table(results, args.repeats, roofs))
+    if workload.one_at_a_time:
+        print(per_token_line(results))
     latencies = {name: res.median_latency for name, res in results.items() if res.median_latency}
     if latencies:
         print()
@@ -276,6 +297,12 @@ def run(args: argparse.Namespace, reexec_argv: Sequence[str] | None = None) -> i
         Path(args.json).write_text(json.dumps(to_json(ctx, env, results, checks, roofs, ceilings), indent=2) + "\n")
         print(f"wrote {args.json}")
     return 1 if SERVER in results and server_failed(results[SERVER]) else 0
+
+
+def per_token_line(results: dict[str, SystemResult]) -> str:
+    """One request at a time, a system's time per output token is 1 / its tok/s (prefill included)."""
+    shown = [f"{name} {1000 / tok_s:.1f} ms" for name, res in results.items() if (tok_s := res.median_tok_s)]
+    return "time per output token (1 / tok/s, prefill included): " + ", ".join(shown)
 
 
 def server_failed(result: SystemResult) -> bool:

@@ -163,20 +163,32 @@ class CheckResult:
     total: int
     first_divergence: list[int]
     """Per request: index of the first differing token, or -1 when identical."""
+    lengths: list[int] = field(default_factory=list)
+    """Per request: the reference's tokens compared."""
+
+    @property
+    def compared_tokens(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def leading_matches(self) -> int:
+        """Tokens equal to the reference's up to each request's first difference (greedy answers part there)."""
+        return sum(n if d < 0 else d for d, n in zip(self.first_divergence, self.lengths, strict=True))
 
 
 def compare_outputs(name: str, outputs: Outputs, ref_name: str, ref: Outputs,
                     requests: Sequence[BenchRequest]) -> CheckResult:
     """Over the requests both ran (the baselines may have run only the first --baseline-limit)."""
-    divergence = []
+    divergence, lengths = [], []
     for out, expected, r in zip(outputs, ref, requests, strict=False):
         a, b = out[: r.max_tokens], expected[: r.max_tokens]
+        lengths.append(len(b))
         diff = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), -1)
         if diff < 0 and len(a) != len(b):
             diff = min(len(a), len(b))
         divergence.append(diff)
     identical = sum(d < 0 for d in divergence)
-    return CheckResult(name, ref_name, identical, len(divergence), divergence)
+    return CheckResult(name, ref_name, identical, len(divergence), divergence, lengths)
 
 
 def run_checks(results: dict[str, SystemResult], requests: Sequence[BenchRequest]) -> list[CheckResult]:
@@ -197,6 +209,7 @@ def run_checks(results: dict[str, SystemResult], requests: Sequence[BenchRequest
         check = compare_outputs(name, res.outputs, REFERENCE_SYSTEM, ref.outputs, requests)
         diverged = [d for d in check.first_divergence if d >= 0]
         detail = f"; diverging requests split at token {sorted(diverged)}" if diverged else ""
-        print(f"check: {name} vs {REFERENCE_SYSTEM}: {check.identical}/{check.total} requests identical{detail}")
+        print(f"check: {name} vs {REFERENCE_SYSTEM}: {check.identical}/{check.total} requests identical, "
+              f"{check.leading_matches}/{check.compared_tokens} tokens before the first difference{detail}")
         checks.append(check)
     return checks

@@ -11,11 +11,13 @@ import os
 from typing import Any
 
 NITRO = "nitro"
+NITRO_FP32 = "nitro-fp32"
 SERVER = "server"
 REFERENCE_SYSTEM = "hf-static"
 BASELINES = ("hf-static", "hf-cb")
-SYSTEM_NAMES = (NITRO, "hf-static", "hf-cb", SERVER)
-"""In-process engines, plus `server`: a running server benchmarked over HTTP (`--url`)."""
+SYSTEM_NAMES = (NITRO, NITRO_FP32, "hf-static", "hf-cb", SERVER)
+"""In-process engines (`nitro-fp32`: nitro with --cpu-weights fp32, on the CPU), plus `server`: a running server
+benchmarked over HTTP (`--url`)."""
 WORKLOAD_NAMES = ("chat-64", "decode-b1", "w256", "host-overhead")
 """host-overhead is not a throughput workload: the engine's own host time per step (bench/host_overhead.py)."""
 

@@ -13,6 +13,7 @@ import torch
 
 from nitro_torch.bench.context import NITRO, SERVER, BenchContext
 from nitro_torch.bench.models import load_hf_model, nitro_random_loaded_model
+from nitro_torch.bench.options import NITRO_FP32
 from nitro_torch.bench.workloads import BenchRequest
 
 Outputs = list[list[int]]
@@ -280,7 +281,10 @@ class Nitro(System):
         from nitro_torch.sampling import SamplingParams
 
         params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in requests]
-        return [list(out) for out in self.engine.generate([list(r.prompt_token_ids) for r in requests], params)]
+        prompts = [list(r.prompt_token_ids) for r in requests]
+        if self.ctx.workload.one_at_a_time:
+            return [list(self.engine.generate([prompt], [param])[0]) for prompt, param in zip(prompts, params)]
+        return [list(out) for out in self.engine.generate(prompts, params)]
 
     def stop(self) -> None:
         shutdown = getattr(self.engine, "shutdown", None) or getattr(self.engine, "close", None)
@@ -292,7 +296,24 @@ class Nitro(System):
         del self.loaded
 
 
-SYSTEMS: dict[str, type[System]] = {cls.name: cls for cls in (Nitro, HFStatic, HFContinuousBatching)}
+class NitroFloatWeights(Nitro):
+    """nitro_torch with --cpu-weights fp32: the float weights transformers computes with (token-identical), beside
+    `nitro`'s packed CPU weights in the same run."""
+
+    name = NITRO_FP32
+
+    @classmethod
+    def unavailable(cls, ctx: BenchContext) -> str | None:
+        if ctx.source.device != "cpu":
+            return "--cpu-weights applies on the CPU only (on a GPU this is the same as nitro)"
+        return super().unavailable(ctx)
+
+    def config_options(self) -> dict[str, Any]:
+        return {**super().config_options(), "cpu_weights": "fp32"}
+
+
+SYSTEMS: dict[str, type[System]] = {
+    cls.name: cls for cls in (Nitro, NitroFloatWeights, HFStatic, HFContinuousBatching)}
 """The in-process systems; `system_class` adds `server` (http_system.py, which builds on this module)."""
 
 

@@ -119,6 +119,7 @@ class EngineCore:
             max_num_seqs=self.scheduler.max_num_seqs, max_model_len=self.max_model_len,
             max_num_batched_tokens=self.config.scheduler.max_num_batched_tokens,
             embedding_size=self.embedding_size, eos_token_ids=self.loaded.eos_token_ids,
+            packed_weights="" if self.loaded.cpu_weights.exact else self.loaded.cpu_weights.description,
         )
 
     # requests -------------------------------------------------------------------------------------

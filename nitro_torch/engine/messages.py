@@ -131,6 +131,8 @@ class EngineInfo(msgspec.Struct, frozen=True):
     max_num_batched_tokens: int
     embedding_size: int
     eos_token_ids: frozenset[int] = frozenset()
+    packed_weights: str = ""
+    """How --cpu-weights packed the linear layers ("": the float weights as loaded, token-identical)."""
 
 
 class CoreStaged(msgspec.Struct, tag="staged"):

@@ -88,7 +88,7 @@ def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
 
     An existing out_dir counts as done (another process may have just won the race to create it).
     """
-    source = Path(gguf_path).resolve()
+    source = Path(os.path.abspath(gguf_path))  # unresolved: a hub cache link keeps the .gguf name transformers needs
     target = Path(out_dir)
     if is_converted(target):
         return target

@@ -1,13 +1,13 @@
 """Resolve --model to a local HF folder and load model + tokenizer onto the chosen device.
 
-Serving never downloads: a hub id must already be in the local Hugging Face cache, and .gguf files (including
-the embedded default model) are converted once into safetensors folders (see embedded.py).
+A hub name is served from the standard Hugging Face cache, downloaded first when it is not there (hub.py);
+.gguf files (the embedded default model, and GGUF quants from the hub) are converted once into safetensors folders
+(embedded.py).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +16,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from nitro_torch.config import ConfigError, ModelConfig, served_names
+from nitro_torch.models.cpu_weights import FP32, PackedWeights, pack_cpu_weights
 from nitro_torch.models.embedded import DEFAULT_MODEL_NAME, embedded_gguf_path, ensure_converted, report_progress
+from nitro_torch.models.hub import cached_gguf_file, fetch_model
+from nitro_torch.models.hub_cache import hf_hub_cache_dir  # noqa: F401  (imported from here by the server)
+from nitro_torch.models.hub_errors import ModelNotFoundError
+from nitro_torch.models.hub_names import hub_name_of
 from nitro_torch.models.quantization import activation_dtype, plan_quantization
 
 logger = logging.getLogger("nitro_torch.models")
@@ -25,10 +30,6 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 # Tokenizers without a known limit report a huge placeholder (int(1e30)); anything above this is not a real limit.
 _SANE_TOKENIZER_LIMIT = 10_000_000
 _FALLBACK_MAX_MODEL_LEN = 2048
-
-
-class ModelNotFoundError(FileNotFoundError):
-    pass
 
 
 @dataclass
@@ -42,6 +43,7 @@ class LoadedModel:
     max_model_len: int
     eos_token_ids: frozenset[int]
     quantization: str = "none"  # e.g. "bnb-4bit nf4", "bnb-8bit (pre-quantized checkpoint)"
+    cpu_weights: PackedWeights = FP32
 
 
 def resolve_device(device: str) -> torch.device:
@@ -65,18 +67,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def hf_hub_cache_dir() -> Path:
-    """Read at call time: huggingface_hub freezes its constants at import, which would ignore later env changes."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    xdg_cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg_cache).expanduser() / "huggingface" / "hub"
-
-
-def resolve_model_source(model: str, cache_dir: str | None = None) -> tuple[str, str]:
-    """-> (local HF folder, display name) for 'default', a .gguf file, a local folder, or a cached hub id."""
+def resolve_model_source(model: str, cache_dir: str | None = None,
+                         hf_token_file: str | None = None) -> tuple[str, str]:
+    """-> (local HF folder, display name) for 'default', a .gguf file, a local folder, or a hub name (from the
+    cache, downloaded first when missing)."""
     if model == "default":
         try:
             gguf_path = embedded_gguf_path()
@@ -92,39 +86,33 @@ def resolve_model_source(model: str, cache_dir: str | None = None) -> tuple[str,
     if as_path.is_dir():
         _require_config_json(as_path, model)
         return str(as_path.resolve()), as_path.resolve().name
-    if as_path.exists() or _looks_like_path(model):
+    hub_name = hub_name_of(model)
+    if hub_name is None:
         raise ModelNotFoundError(
-            f"model {model!r} is neither a folder with config.json, a .gguf file, nor a hub id "
+            f"model {model!r} is neither a folder with config.json, a .gguf file, nor a hub name ORG/NAME "
             f"(no such folder: {as_path})"
         )
-    return _resolve_cached_hub_id(model), model
+    fetched = fetch_model(model, hf_token_file=hf_token_file, cache_dir=cache_dir)
+    assert fetched is not None
+    if fetched.suffix == ".gguf":
+        return str(ensure_converted(fetched, cache_dir)), str(hub_name)
+    _require_config_json(fetched, model)
+    return str(fetched), str(hub_name)
 
 
-def _looks_like_path(model: str) -> bool:
-    return model.startswith(("/", "./", "../", "~", ".\\")) or model.count("/") > 1 or "\\" in model
+def gguf_file_of(model: str, cache_dir: str | None = None) -> Path | None:
+    """The .gguf file --model names (the embedded model's for 'default', the cached file of a hub GGUF quant):
+    its blocks can be computed as stored."""
+    if model == "default":
+        return embedded_gguf_path()
+    if model.lower().endswith(".gguf"):
+        return Path(model).expanduser()
+    return cached_gguf_file(model, cache_dir)
 
 
 def _require_config_json(folder: Path, model: str) -> None:
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(f"{model!r} is not a Hugging Face model folder: {folder / 'config.json'} is missing")
-
-
-def _resolve_cached_hub_id(repo_id: str) -> str:
-    from huggingface_hub import snapshot_download
-
-    hub_cache = hf_hub_cache_dir()
-    try:
-        folder = snapshot_download(repo_id, cache_dir=hub_cache, local_files_only=True)
-    except Exception as error:  # LocalEntryNotFoundError, HFValidationError, OfflineModeIsEnabled, ...
-        raise ModelNotFoundError(
-            f"model {repo_id!r} is not in the local Hugging Face cache at {hub_cache}, and nitro_torch does not "
-            "download models (the hub is not reached: offline / local files only). To fix: on a machine with "
-            f"internet run `hf download {repo_id}` and copy its cache folder here (or set HF_HOME / HF_HUB_CACHE to "
-            "where it is), or pass a local model folder or .gguf file with --model. "
-            f"({type(error).__name__}: {error})"
-        ) from None
-    _require_config_json(Path(folder), repo_id)
-    return str(folder)
 
 
 def load_tokenizer(model: str = "default", cache_dir: str | None = None) -> PreTrainedTokenizerBase:
@@ -146,7 +134,7 @@ def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 def load_model(config: ModelConfig, attn_implementation: str | None = None) -> LoadedModel:
-    path, derived_name = resolve_model_source(config.model, config.model_cache_dir)
+    path, derived_name = resolve_model_source(config.model, config.model_cache_dir, config.hf_token_file)
     name = next(iter(served_names(config.served_model_name)), derived_name)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -167,7 +155,11 @@ def load_model(config: ModelConfig, attn_implementation: str | None = None) -> L
         model.to(device)  # type: ignore[arg-type]  # transformers' decorated `to` mistypes its first argument
     model.eval()
     model.requires_grad_(False)
-    report_progress(f"loaded {name} (quantization: {quantization.description}) in {time.monotonic() - started:.1f} s")
+    cpu_weights = pack_cpu_weights(model, config.cpu_weights, device,
+                                   gguf_file_of(config.model, config.model_cache_dir), quantization.description)
+    packed = "" if cpu_weights.exact else f", {cpu_weights.description}"
+    report_progress(f"loaded {name} (quantization: {quantization.description}{packed}) in "
+                    f"{time.monotonic() - started:.1f} s")
     if not has_chat_template(tokenizer):
         logger.warning("%s has no chat template; chat prompts use Nitro's prompt prefixes", name)
 
@@ -181,6 +173,7 @@ def load_model(config: ModelConfig, attn_implementation: str | None = None) -> L
         max_model_len=_max_model_len(config.max_model_len, model, tokenizer),
         eos_token_ids=_eos_token_ids(model, tokenizer),
         quantization=quantization.description,
+        cpu_weights=cpu_weights,
     )
 
 

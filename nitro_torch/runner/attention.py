@@ -53,6 +53,13 @@ class AttentionMetadata:
     """The prefill kernel's query-tile map, made by the first layer and reused by the others."""
     write_kv: bool = True
     """False for cache-free forwards (embeddings): every chunk is a whole sequence attending to its own K/V."""
+    single_decode_len: int | None = None
+    """The context length of the only row of a one-request decode step (known on the host): the torch path then
+    attends to exactly that many gathered keys, with no mask."""
+    store_slots: torch.Tensor | None = None
+    decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    """The torch path's per-step tensors (KV store slots; decode key masks by sliding window), made by the first
+    layer that needs them and dropped when a step context opens (decode graphs reuse their metadata)."""
     _copies: dict[torch.device, AttentionMetadata] = field(default_factory=dict, repr=False)
 
     def on(self, device: torch.device) -> AttentionMetadata:
@@ -71,7 +78,8 @@ class AttentionMetadata:
                 prefills=[dataclasses.replace(c, block_table=c.block_table.to(device)) for c in self.prefills],
                 prefill_block_tables=moved(self.prefill_block_tables),
                 prefill_cu_query_lens=moved(self.prefill_cu_query_lens),
-                prefill_context_lens=moved(self.prefill_context_lens), prefill_tiles=None, _copies={},
+                prefill_context_lens=moved(self.prefill_context_lens), prefill_tiles=None, store_slots=None,
+                decode_masks={}, _copies={},
             )
             self._copies[device] = copy
         return copy
@@ -83,6 +91,8 @@ _current: AttentionMetadata | None = None
 @contextlib.contextmanager
 def step_context(metadata: AttentionMetadata) -> Iterator[None]:
     global _current
+    metadata.store_slots = None
+    metadata.decode_masks = {}
     previous, _current = _current, metadata
     try:
         yield
@@ -111,13 +121,19 @@ def _uses_kernels(tensor: torch.Tensor) -> bool:
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Scatter K/V [T, KV, D] into the blocks at flat slot = block_id * block_size + offset.
+    """Scatter K/V [T, KV, D] into the blocks at flat slot = block_id * block_size + offset."""
+    store_at_slots(k_cache, v_cache, key, value, storable_slots(slot_mapping, k_cache))
 
-    Padding rows (slot < 0) go to the spare last block of the cache tensors, which no request owns: a
-    `torch.where` rather than a filter, so the store stays free of host syncs (and capturable).
-    """
+
+def storable_slots(slot_mapping: torch.Tensor, k_cache: torch.Tensor) -> torch.Tensor:
+    """Padding rows (slot < 0) go to the spare last block of the cache tensors, which no request owns: a
+    `torch.where` rather than a filter, so the store stays free of host syncs (and capturable)."""
     spare_slot = (k_cache.shape[0] - 1) * k_cache.shape[1]
-    slots = torch.where(slot_mapping < 0, spare_slot, slot_mapping)
+    return torch.where(slot_mapping < 0, spare_slot, slot_mapping)
+
+
+def store_at_slots(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   slots: torch.Tensor) -> None:
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value)
 
@@ -130,8 +146,12 @@ def paged_decode_attention(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    mask: torch.Tensor | None = None,
+    all_keys: bool = False,
 ) -> torch.Tensor:
-    """One query token per request [R, H, D] against its gathered blocks [R, L, KV, D] (L >= context).
+    """One query token per request [R, H, D] against its gathered blocks [R, L, KV, D] (L >= context); `mask`:
+    `decode_key_mask` of the same arguments, when the caller has it already; `all_keys`: every gathered key is
+    in every row's context (no mask; not with softcap).
 
     The query heads of one KV head form the "sequence" axis of a non-causal SDPA call, so grouped
     queries share one read of their K/V and no repeat_interleave copy is made.
@@ -141,17 +161,24 @@ def paged_decode_attention(
     keys = keys.transpose(1, 2)  # [R, KV, L, D]
     values = values.transpose(1, 2)
     grouped = query.view(num_reqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    positions = torch.arange(keys.shape[2], device=query.device)
-    context_lens = context_lens.clamp(min=1)  # padding rows (length 0) attend one slot rather than yield NaN
-    valid = positions[None, :] < context_lens[:, None]
-    if sliding_window:
-        valid &= positions[None, :] >= (context_lens[:, None] - sliding_window)
-    mask = valid[:, None, None, :]
+    if mask is None and not all_keys:
+        mask = decode_key_mask(context_lens, keys.shape[2], sliding_window)
     if softcap:
+        assert mask is not None, "softcapped attention needs the key mask"
         out = _softcapped_attention(grouped, keys, values, mask, scale, softcap)
     else:
         out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
     return out.reshape(num_reqs, num_heads, head_dim)
+
+
+def decode_key_mask(context_lens: torch.Tensor, num_keys: int, sliding_window: int | None) -> torch.Tensor:
+    """[R, 1, 1, L]: which gathered keys each decode row attends to."""
+    positions = torch.arange(num_keys, device=context_lens.device)
+    context_lens = context_lens.clamp(min=1)  # padding rows (length 0) attend one slot rather than yield NaN
+    valid = positions[None, :] < context_lens[:, None]
+    if sliding_window:
+        valid &= positions[None, :] >= (context_lens[:, None] - sliding_window)
+    return valid[:, None, None, :]
 
 
 def prefill_attention(
@@ -224,18 +251,17 @@ def paged_attention_forward(
 def _attend_with_torch(meta: AttentionMetadata, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        scale: float, sliding_window: int | None, softcap: float | None) -> torch.Tensor:
     if meta.write_kv:
-        store_kv(meta.kv_cache.keys[layer], meta.kv_cache.values[layer], k, v, meta.slot_mapping)
-    out = torch.empty_like(q)
+        k_cache, v_cache = meta.kv_cache.keys[layer], meta.kv_cache.values[layer]
+        if meta.store_slots is None:
+            meta.store_slots = storable_slots(meta.slot_mapping, k_cache)
+        store_at_slots(k_cache, v_cache, k, v, meta.store_slots)
     nd = meta.num_decode_tokens
-    if nd:
-        tables = meta.decode_block_tables
-        assert tables is not None and meta.decode_context_lens is not None  # set whenever there are decode rows
-        keys, values = meta.kv_cache.gather(layer, tables.flatten())
-        num_reqs = tables.shape[0]
-        out[:nd] = paged_decode_attention(
-            q[:nd], keys.view(num_reqs, -1, *keys.shape[2:]), values.view(num_reqs, -1, *values.shape[2:]),
-            meta.decode_context_lens, scale, sliding_window, softcap,
-        )
+    decoded = _decode_with_torch(meta, layer, q[:nd], scale, sliding_window, softcap) if nd else None
+    if decoded is not None and not meta.prefills:
+        return decoded
+    out = torch.empty_like(q)
+    if decoded is not None:
+        out[:nd] = decoded
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
         if chunk.context_len == chunk.query_len:
@@ -246,6 +272,24 @@ def _attend_with_torch(meta: AttentionMetadata, layer: int, q: torch.Tensor, k: 
             values = values.flatten(0, 1)[: chunk.context_len]
         out[rows] = prefill_attention(q[rows], keys, values, scale, sliding_window, softcap)
     return out
+
+
+def _decode_with_torch(meta: AttentionMetadata, layer: int, q: torch.Tensor, scale: float,
+                       sliding_window: int | None, softcap: float | None) -> torch.Tensor:
+    tables, context_lens = meta.decode_block_tables, meta.decode_context_lens
+    assert tables is not None and context_lens is not None  # set whenever there are decode rows
+    keys, values = meta.kv_cache.gather(layer, tables.flatten())
+    num_reqs = tables.shape[0]
+    keys, values = keys.view(num_reqs, -1, *keys.shape[2:]), values.view(num_reqs, -1, *values.shape[2:])
+    length = meta.single_decode_len
+    if length is not None and not softcap:
+        start = max(0, length - sliding_window) if sliding_window else 0
+        return paged_decode_attention(q, keys[:, start:length], values[:, start:length], context_lens, scale,
+                                      all_keys=True)
+    mask = meta.decode_masks.get(sliding_window)
+    if mask is None:
+        mask = meta.decode_masks[sliding_window] = decode_key_mask(context_lens, keys.shape[1], sliding_window)
+    return paged_decode_attention(q, keys, values, context_lens, scale, sliding_window, softcap, mask=mask)
 
 
 def _attend_with_kernels(meta: AttentionMetadata, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

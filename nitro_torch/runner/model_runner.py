@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from nitro_torch.models.lean_decoder import lean_decoder_for
 from nitro_torch.runner.attention import AttentionMetadata, PrefillChunk, step_context
 from nitro_torch.runner.cuda_graphs import DecodeGraphs, DecodeInputs, capture_sizes
 from nitro_torch.runner.input_batch import HostBatch
@@ -69,6 +70,8 @@ class ModelRunner:
     def __init__(self, model: PreTrainedModel, kv_cache: KVCache, device: torch.device,
                  sampling: StepSampler | None = None) -> None:
         self.model = model
+        self.forward = lean_decoder_for(model) or model
+        """What runs a step: the lean forward for CPU-packed weights, else the model itself."""
         self.sampling = sampling
         self.kv_cache = kv_cache
         self.device = device
@@ -196,7 +199,7 @@ class ModelRunner:
             return logits.index_select(0, tensors["logits_rows"]), batch.sampling
         with step_context(self.metadata(batch, tensors)):
             keep = tensors["logits_rows"] if batch.sampling else 1
-            out = self.model(
+            out = self.forward(
                 input_ids=tensors["token_ids"][None],
                 position_ids=tensors["positions"][None],
                 use_cache=False,
@@ -212,7 +215,7 @@ class ModelRunner:
         return self.graphs.can_run(batch.num_decodes, batch.decode_tables.shape[1])
 
     def _logits_of_all_rows(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=0)
+        out = self.forward(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=0)
         return out.logits[0]
 
     def upload(self, batch: HostBatch) -> dict[str, torch.Tensor]:
@@ -233,6 +236,8 @@ class ModelRunner:
         if batch.num_decodes:
             metadata.decode_block_tables = tensors["decode_tables"]
             metadata.decode_context_lens = tensors["decode_context_lens"]
+            if batch.num_decodes == 1:
+                metadata.single_decode_len = max(1, int(batch.decode_context_lens[0]))
         if batch.prefill_query_lens:
             tables = tensors["prefill_tables"]
             metadata.prefills = [

@@ -26,7 +26,7 @@ from nitro_torch.server.http.admission import AdmissionMiddleware, ready
 from nitro_torch.server.http.errors import EXCEPTION_HANDLERS
 from nitro_torch.server.http.request_ids import wrap_outermost
 from nitro_torch.server.http.security import middleware as security_middleware
-from nitro_torch.server.model_host import NO_MODEL, HostState, LeaseMiddleware, ModelHost, get_host
+from nitro_torch.server.model_host import NO_MODEL, HostState, LeaseMiddleware, ModelHost, fetch_model_files, get_host
 
 if TYPE_CHECKING:
     from nitro_torch.engine.client import EngineClient
@@ -75,6 +75,7 @@ def create_app(config: Config, engine: EngineClient | None = None, *, host: Mode
             logger.info("loading model %s", config.model.model)
             # Loading blocks the loop on purpose: uvicorn binds the port only after start-up, so /health
             # answers once the model is ready.
+            fetch_model_files(config, progress=True)
             host.install(start_engine_client(config), config, owned=True)
         app.state.started_at = int(time.time())
         if getattr(app.state, "drain_on_signal", False):  # run_server: SIGTERM starts draining

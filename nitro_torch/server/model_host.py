@@ -1,9 +1,9 @@
 """ModelHost: owns the serving EngineClient (or none) and swaps it while the server stays up.
 
 A switch keeps the previous model serving as long as it can:
-  1. LOADING    the new engine is staged (`stage_engine`: a new core process loads the weights, onto the CPU
-                when the target is a GPU, so the old engine keeps its GPU memory); the old engine still serves.
-                A failure here changes nothing.
+  1. LOADING    a hub model the cache lacks is downloaded, then the new engine is staged (`stage_engine`: a new
+                core process loads the weights, onto the CPU when the target is a GPU, so the old engine keeps
+                its GPU memory); the old engine still serves. A failure here changes nothing.
   2. SWITCHING  new requests get 503 `model_switching` (+ Retry-After); the old engine drains (every lease
                 released, no live engine request) and is shut down, its memory freed.
   3.            the new weights move to the device, the engine (KV cache) is built and warmed up. If that
@@ -262,6 +262,7 @@ class ModelHost:
     async def _load(self, config: Config, embedding: bool, cpu_threads: int | None) -> Serving:
         try:
             try:
+                await asyncio.to_thread(fetch_model_files, config, progress=False)
                 staged: StagedEngine = await asyncio.to_thread(stage_engine, config, cpu_threads=cpu_threads)
             except Exception as exc:
                 raise ModelLoadError(exc, "load", self.engine.model_name if self.engine else None) from exc
@@ -353,6 +354,15 @@ class _Previous:
     @classmethod
     def of(cls, serving: Serving) -> _Previous:
         return cls(serving.config, serving.embedding, None if serving.owned else serving)
+
+
+def fetch_model_files(config: Config, progress: bool) -> None:
+    """Download a hub model the cache lacks, here rather than in the engine core: its errors keep their kind
+    (loadmodel answers each with its own status) and the download's progress shows in this process."""
+    from nitro_torch.models.hub import fetch_model
+
+    model = config.model
+    fetch_model(model.model, hf_token_file=model.hf_token_file, cache_dir=model.model_cache_dir, progress=progress)
 
 
 async def warm_up(engine: EngineClient) -> None:

@@ -27,10 +27,12 @@ SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
 
 def start_with_progress(config: Config) -> EngineClient:
     """Engine start (weights, KV sizing, decode-graph capture) and a first request, under one progress bar: the
-    first request pays one-off costs (kernel compilation, allocator growth) that no user request should."""
+    first request pays one-off costs (kernel compilation, allocator growth) that no user request should. A hub
+    model not yet in the cache downloads first, under a bar of its own."""
     from nitro_torch.engine.client import start_engine_client
-    from nitro_torch.server.model_host import warm_up
+    from nitro_torch.server.model_host import fetch_model_files, warm_up
 
+    fetch_model_files(config, progress=True)
     with tqdm(total=2, desc="warming up", unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
         bar.set_postfix_str("loading the model, sizing the KV cache")
         engine = start_engine_client(config)
@@ -119,6 +121,9 @@ def startup_block(config: Config, engine: EngineClient | None, urls: list[str]) 
         capacity = Capacity.of(engine)
         row("Model:", f"{engine.model_name} (context {capacity.max_model_len} tokens)")
         row("Weights:", f"{info.dtype}, quantization {info.quantization}")
+        if info.packed_weights:
+            row("", f"linear layers {info.packed_weights}: fast, NOT token-identical to float32 "
+                    "(--cpu-weights fp32 is)")
         row("Device:", info.device_name)
         row("KV cache:", f"{capacity.kv_tokens} tokens ({capacity.kv_blocks} blocks of {capacity.block_size}): "
                          f"{capacity.full_context_requests} requests at the full context")

@@ -105,6 +105,23 @@ def test_in_process_run_with_ratios_and_the_script_wrappers(tmp_path: Path) -> N
     assert "--workload" in usage.stdout and "--baseline-limit" in usage.stdout and "--url" in usage.stdout
 
 
+def test_decode_b1_on_the_cpu_runs_the_embedded_model_one_request_at_a_time(tmp_path: Path) -> None:
+    out = tmp_path / "decode.json"
+    result = bench("--workload", "decode-b1", "--limit", "2", "--max-tokens", "6", "--repeats", "1", "--check",
+                   "--no-roofline", "--json", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "model SmolLM2-135M-Instruct" in result.stdout
+    assert re.search(r"^time per output token .*: nitro [\d.]+ ms, nitro-fp32 [\d.]+ ms, hf-static [\d.]+ ms$",
+                     result.stdout, re.M), result.stdout
+    assert "check: nitro-fp32 vs hf-static: 2/2 requests identical, 12/12 tokens before the first difference" \
+        in result.stdout  # float weights: token-identical
+    doc = json.loads(out.read_text())
+    assert set(doc["systems"]) == {"nitro", "nitro-fp32", "hf-static"}
+    assert [run["tokens"] for run in doc["systems"]["nitro"]["runs"]] == [12]
+    packed = next(c for c in doc["checks"] if c["system"] == "nitro")
+    assert packed["lengths"] == [6, 6]  # its leading-token agreement is measured, whatever it is
+
+
 def test_unreachable_url_is_one_line_error() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     result = bench("--url", url, "--workload", "chat-64", "--limit", "1")

@@ -312,6 +312,40 @@ def config_file_of(docs: list[dict[str, Any]], path: str) -> Path:
     return target
 
 
+def test_the_gpu_overlay_pulls_the_served_model_into_the_servers_cache_before_it_starts() -> None:
+    """The init container runs `nitro-torch pull` on the config file the server reads, into the HF cache the server
+    reads, on the model volume, with the network the server does without, and a token from an optional Secret
+    (as a file, as the API key)."""
+    from nitro_torch.cli import build_parser
+    from nitro_torch.models.hub_names import hub_name_of
+
+    docs = rendered("gpu-8b-4bit")
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    [pull] = pod["initContainers"]
+    main = container(docs)
+    assert pull["image"] == main["image"] and pull["imagePullPolicy"] == "Always"
+    assert pull["command"] == ["nitro-torch"] and build_parser().parse_args(pull["args"]).command == "pull"
+    assert pull["securityContext"] == main["securityContext"]
+    env, main_env = {e["name"]: e["value"] for e in pull["env"]}, env_values(docs)
+    assert env["NITRO_CONFIG"] == main_env["NITRO_CONFIG"] and env["HF_HOME"] == main_env["HF_HOME"]
+    assert "HF_HUB_OFFLINE" not in env and main_env["HF_HUB_OFFLINE"] == "1"
+    assert not any(name.startswith("NITRO_") and name != "NITRO_CONFIG" for name in env)
+
+    def volume_at(spec: dict[str, Any], path: str) -> tuple[str, str]:
+        mount = max((m for m in spec["volumeMounts"] if Path(path).is_relative_to(m["mountPath"])),
+                    key=lambda m: len(m["mountPath"]))
+        return mount["name"], mount["mountPath"]
+
+    for path in (env["NITRO_CONFIG"], env["HF_HOME"]):
+        assert volume_at(pull, path) == volume_at(main, path), f"{path} is not the server's"
+    claim = next(v for v in pod["volumes"] if v["name"] == volume_at(pull, env["HF_HOME"])[0])
+    assert claim["persistentVolumeClaim"]["claimName"] == one(docs, "PersistentVolumeClaim")["metadata"]["name"]
+    token = next(v for v in pod["volumes"] if v["name"] == volume_at(pull, env["HF_TOKEN_PATH"])[0])
+    assert token["secret"]["optional"] is True and "valueFrom" not in str(pull["env"])
+    config = build_config(env={}, config_file=config_file_of(docs, env["NITRO_CONFIG"]))
+    assert hub_name_of(config.model.model) is not None, "the init container pulls the model the server serves"
+
+
 def test_the_gpu_overlay_config_matches_configs() -> None:
     """The overlay keeps a copy of configs/gpu-8b-4bit.yaml (kustomize loads nothing outside its folder)."""
     copy = K8S / "overlays" / "gpu-8b-4bit" / "gpu-8b-4bit.yaml"

@@ -32,7 +32,8 @@ MAX_TOKENS = [20, 8, 24, 12, 28, 16, 22, 10, 18]
 
 
 def make_engine(**options: object) -> LLMEngine:
-    config = build_config({"model": "default", "device": "cpu", **options}, env={})
+    """Float weights: the mode that is token-identical to transformers (packed CPU weights are not)."""
+    config = build_config({"model": "default", "device": "cpu", "cpu_weights": "fp32", **options}, env={})
     return LLMEngine(load_model(config.model, attn_implementation=register_paged_attention()), config)
 
 

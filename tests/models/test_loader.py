@@ -147,13 +147,17 @@ def test_bad_local_sources(tmp_path):
         resolve_model_source(str(tmp_path / "missing_folder"))
 
 
-def test_uncached_hub_id_explains_how_to_fix(offline_empty_hf_home):
+def test_uncached_hub_name_under_hf_hub_offline_explains_how_to_fix(offline_empty_hf_home, monkeypatch):
+    """HF_HUB_OFFLINE=1: a hub name missing from the cache is not downloaded (without it, it is: see
+    test_hub_download.py), and the error says how to get it there."""
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # had the hub been asked, the error would say so
     with pytest.raises(ModelNotFoundError) as caught:
         resolve_model_source("HuggingFaceTB/SmolLM2-360M-Instruct")
     message = str(caught.value)
-    assert "not in the local Hugging Face cache" in message
+    assert "not in the local Hugging Face cache" in message and "\n" not in message
     assert str(offline_empty_hf_home) in message
     assert "offline" in message and "hf download HuggingFaceTB/SmolLM2-360M-Instruct" in message
+    assert "nitro-torch pull HuggingFaceTB/SmolLM2-360M-Instruct" in message
     assert "--model" in message
 
 

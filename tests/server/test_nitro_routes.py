@@ -134,7 +134,8 @@ def not_a_causal_lm(folder: Path, tiny_model_dir: str) -> Path:
     return folder
 
 
-def test_failed_loads_keep_the_previous_model(server, tiny_model_dir, tmp_path):
+def test_failed_loads_keep_the_previous_model(server, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub name the cache lacks is not looked up (test_serve_hub_model.py)
     missing = str(tmp_path / "missing.gguf")
     error = assert_error(server.post(LOAD, {"llama_model_path": missing}), 404, "model_not_found",
                          param="llama_model_path")

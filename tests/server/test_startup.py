@@ -56,7 +56,10 @@ def test_the_block_tells_where_to_go_and_what_is_served() -> None:
 
         assert block["Model:"] == [f"{models['data'][0]['id']} (context {health['max_model_len']} tokens)"]
         assert health["max_model_len"] == 1024
-        assert block["Weights:"] == ["float32, quantization none"]
+        weights = block["Weights:"]
+        assert weights[0] == "float32, quantization none"
+        assert weights[1].startswith("linear layers int4 groups of 32 (210 GGUF Q4_1, 1 GGUF Q8_0 layers")
+        assert "NOT token-identical to float32 (--cpu-weights fp32 is)" in weights[1]
         assert re.fullmatch(r"cpu \(\d+ threads\)", block["Device:"][0])
         tokens, blocks, size = health["kv_capacity_tokens"], health["kv_blocks_total"], health["kv_block_size"]
         assert tokens == blocks * size and tokens > 0

@@ -77,7 +77,7 @@ class LoadModelRequest(BaseModel):
         if self.model is not None:
             return self.model, "model"
         raise APIError(400, "Missing required parameter: 'llama_model_path' (a .gguf file, a Hugging Face model "
-                            "folder, or a model id from the server's local Hugging Face cache).",
+                            "folder, or a hub name ORG/NAME or ORG/NAME-GGUF:QUANT).",
                        param="llama_model_path", code="missing_required_parameter")
 
     def to_config(self, base: Config) -> Config:
@@ -190,10 +190,14 @@ def load_failure(error: ModelLoadError, source: str, param: str, config: Config)
 def _describe(cause: BaseException, source: str, param: str, config: Config) -> APIError:
     import torch
 
+    from nitro_torch.models.hub_errors import HubError
+
+    if isinstance(cause, HubError):  # a hub name: not found, gated, no such quant, no disk, no network, ...
+        return APIError(cause.status, _scrub(str(cause), source, config, limit=1000), param=param, code=cause.code)
     if isinstance(cause, FileNotFoundError):  # includes the loader's ModelNotFoundError
         if not _exists(source):
             return APIError(404, f"Model not found: '{source}' is not a .gguf file or model folder on the server, "
-                                 "nor a model in its local Hugging Face cache (the server never downloads models).",
+                                 "nor a model name on the Hugging Face Hub.",
                             param=param, code="model_not_found")
         return APIError(400, f"'{source}' is not a model nitro_torch can load: a folder needs the Hugging Face "
                              "layout (config.json, weights, tokenizer), a file must be a .gguf.",
@@ -221,7 +225,7 @@ def _exists(source: str) -> bool:
         return False
 
 
-def _scrub(text: str, source: str, config: Config) -> str:
+def _scrub(text: str, source: str, config: Config, limit: int = 400) -> str:
     """The first line of a loader message, with the server's cache folders and home directory masked."""
     from nitro_torch.models.embedded import nitro_cache_dir
     from nitro_torch.models.loader import hf_hub_cache_dir
@@ -239,7 +243,7 @@ def _scrub(text: str, source: str, config: Config) -> str:
     home = str(Path.home())
     if len(home) > 1 and home not in source:
         line = line.replace(home, "~")
-    return line[:400]
+    return line[:limit]
 
 
 # routing ----------------------------------------------------------------------------------------------
