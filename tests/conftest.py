@@ -12,6 +12,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The suite checks greedy answers against transformers and across batchings (alone, concurrent, through each
+# API), which holds for float weights only: servers started here, and configs read from the environment, use
+# --cpu-weights fp32. The packed default has its own tests, which ask for it explicitly
+# (tests/models/test_cpu_weights.py, tests/runner/test_lean_decoder.py, test_startup.py, the decode-b1 bench).
+os.environ.setdefault("NITRO_CPU_WEIGHTS", "fp32")
+
 
 @pytest.fixture(scope="session")
 def smol_tokenizer():

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from nitro_torch.engine.client import EngineClient, EngineStats
 
 HELLO = [{"role": "user", "content": "Hello"}]
-ENGINE_OPTIONS = {"model": "default", "device": "cpu", "max_num_seqs": 16, "max_model_len": 2048}
+ENGINE_OPTIONS = {"model": "default", "device": "cpu", "max_num_seqs": 16, "max_model_len": 2048,
+                  "cpu_weights": "fp32"}  # token-identical answers (see tests/conftest.py)
 
 
 def template_ids(tokenizer, messages: list[dict]) -> list[int]:

@@ -16,7 +16,8 @@ from nitro_torch.server.startup import WILDCARD_HOSTS, lan_ipv4_addresses, serve
 from tests.server.conftest import server_process
 
 BLOCK_START = "is ready."
-OPTIONS = ("--max-model-len", "1024", "--kv-cache-memory", "0.05", "--max-num-seqs", "6", "--log-level", "warning")
+OPTIONS = ("--max-model-len", "1024", "--kv-cache-memory", "0.05", "--max-num-seqs", "6", "--log-level", "warning",
+           "--cpu-weights", "auto")  # the default, over the suite's fp32 (tests/conftest.py)
 
 
 def startup_block(log_path: Path, timeout_s: float = 30.0) -> dict[str, list[str]]:
@@ -60,6 +61,10 @@ def test_the_block_tells_where_to_go_and_what_is_served() -> None:
         assert weights[0] == "float32, quantization none"
         assert weights[1].startswith("linear layers int4 groups of 32 (210 GGUF Q4_1, 1 GGUF Q8_0 layers")
         assert "NOT token-identical to float32 (--cpu-weights fp32 is)" in weights[1]
+        answer = httpx.post(base_url + "/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 12,
+            "temperature": 0}).json()  # the packed default answers as the model does
+        assert "Paris" in answer["choices"][0]["message"]["content"]
         assert re.fullmatch(r"cpu \(\d+ threads\)", block["Device:"][0])
         tokens, blocks, size = health["kv_capacity_tokens"], health["kv_blocks_total"], health["kv_block_size"]
         assert tokens == blocks * size and tokens > 0
