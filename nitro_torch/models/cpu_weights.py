@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,12 +67,12 @@ def pack_cpu_weights(model: PreTrainedModel, mode: str, device: torch.device, gg
             continue
         found = blocks.get(name)
         if found is not None:
-            kind, parts = found
-            kinds[f"GGUF {kind}"] += 1
+            source, parts = f"GGUF {found[0]}", found[1]
         elif mode == "int4":
-            parts, kinds["quantized at load"] = [quantize_int4(linear.weight)], kinds["quantized at load"] + 1
+            source, parts = "quantized at load", [quantize_int4(linear.weight)]
         else:
             continue
+        kinds[source] += 1
         _replace(model, name, Int4Linear.from_groups(parts, linear.bias))
     if not kinds:
         return FP32
@@ -83,10 +84,10 @@ def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(name, module) for name, module in model.named_modules() if type(module) is nn.Linear]
 
 
-def _swap_all(model: nn.Module, make: object) -> int:
+def _swap_all(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:
     layers = _linear_layers(model)
     for name, linear in layers:
-        _replace(model, name, make(linear))  # type: ignore[operator]
+        _replace(model, name, make(linear))
     return len(layers)
 
 
