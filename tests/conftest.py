@@ -17,6 +17,9 @@ if not torch.cuda.is_available():
 # --cpu-weights fp32. The packed default has its own tests, which ask for it explicitly
 # (tests/models/test_cpu_weights.py, tests/runner/test_lean_decoder.py, test_startup.py, the decode-b1 bench).
 os.environ.setdefault("NITRO_CPU_WEIGHTS", "fp32")
+# A packed model would also compile its one-request decode step in the background (a minute of the CPU): servers
+# started here do not, except where a test asks (tests/runner/test_row_decode.py, test_startup.py, decode-b1).
+os.environ.setdefault("NITRO_CPU_DECODE_COMPILE", "off")
 
 
 @pytest.fixture(scope="session")

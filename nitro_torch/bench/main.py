@@ -163,6 +163,7 @@ WORKLOADS: dict[str, Workload] = {
             default_shape="llama-8b",
             default_repeats=3,
             one_at_a_time=True,
+            nitro_options={"cpu_decode_compile": "startup"},
         ),
     )
 }

@@ -250,6 +250,7 @@ class Nitro(System):
             options["model"] = source.nitro_model
         if source.quantization != "none":
             options["quantization"] = source.quantization
+        options["cpu_decode_compile"] = "off"  # decode-b1 compiles it at start-up, never during the runs
         options.update(self.ctx.workload.nitro_options)
         options.update(parse_key_values(self.ctx.args.nitro_opt))
         return options
@@ -275,6 +276,9 @@ class Nitro(System):
         from nitro_torch.engine.engine import LLMEngine
 
         self.engine = LLMEngine(self.loaded, self.config)
+        row_decode = self.engine.core.row_decode
+        if row_decode is not None and row_decode.ready and row_decode.seconds is not None:
+            self.notes.append(f"one-request decode step compiled in {row_decode.seconds:.1f} s (before the runs)")
         self.warmup()
 
     def generate(self, requests: Sequence[BenchRequest]) -> Outputs:

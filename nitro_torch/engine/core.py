@@ -19,6 +19,7 @@ from nitro_torch.engine.messages import CoreOutput, EngineCoreRequest, EngineInf
 from nitro_torch.engine.outputs import FinishReason
 from nitro_torch.engine.request import Request
 from nitro_torch.engine.scheduler import Scheduler, StepPlan
+from nitro_torch.models.embedded import nitro_cache_dir
 from nitro_torch.models.loader import LoadedModel, apply_chat_template_file
 from nitro_torch.runner.attention import set_attention_backend
 from nitro_torch.runner.guided import GuidedDecoder, logits_vocab_size
@@ -26,6 +27,7 @@ from nitro_torch.runner.host_memory import reuse_large_allocations
 from nitro_torch.runner.kv_cache import GIB, KVCache, KVLayout, attention_layer_devices
 from nitro_torch.runner.memory import blocks_for_budgets, describe_capacity, gpu_kv_budgets
 from nitro_torch.runner.model_runner import LaunchedStep, ModelRunner
+from nitro_torch.runner.row_decode import use_inductor_cache_in
 from nitro_torch.runner.sampler import Sampler
 from nitro_torch.runner.step_sampling import ModelRunnerOutput, StepSampler
 
@@ -70,6 +72,9 @@ class EngineCore:
                                              compile=config.runner.compile_decode)
         elif config.runner.compile_decode:  # the same padded decode path, compiled, without graphs (e.g. on CPU)
             self.runner.enable_decode_graphs(sched.max_num_seqs, self.max_model_len, capture=False, compile=True)
+        if config.runner.cpu_decode_compile != "off":
+            use_inductor_cache_in(nitro_cache_dir(config.model.model_cache_dir))
+        self.row_decode = self.runner.enable_row_decode(config.runner.cpu_decode_compile)
         self.info = self._describe()
 
     def _use_decode_graphs(self) -> bool:
@@ -120,6 +125,7 @@ class EngineCore:
             max_num_batched_tokens=self.config.scheduler.max_num_batched_tokens,
             embedding_size=self.embedding_size, eos_token_ids=self.loaded.eos_token_ids,
             packed_weights="" if self.loaded.cpu_weights.exact else self.loaded.cpu_weights.description,
+            row_decode_compile="off" if self.row_decode is None else self.config.runner.cpu_decode_compile,
         )
 
     # requests -------------------------------------------------------------------------------------

@@ -133,6 +133,8 @@ class EngineInfo(msgspec.Struct, frozen=True):
     eos_token_ids: frozenset[int] = frozenset()
     packed_weights: str = ""
     """How --cpu-weights packed the linear layers ("": the float weights as loaded, token-identical)."""
+    row_decode_compile: str = "off"
+    """When the compiled one-request CPU decode step was made (--cpu-decode-compile; off: none)."""
 
 
 class CoreStaged(msgspec.Struct, tag="staged"):

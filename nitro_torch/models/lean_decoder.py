@@ -10,6 +10,9 @@ transformers' own forward.
 
 from __future__ import annotations
 
+import copy
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +25,8 @@ from nitro_torch.models.packed_linear import Int4Linear, Int8Linear, concat_int4
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 PACKED = (Int4Linear, Int8Linear)
+AttentionFunction = Callable[..., tuple[torch.Tensor, Any]]
+"""transformers' attention interface: (module, q, k, v, mask, scaling=, sliding_window=) -> (out, weights)."""
 
 
 @dataclass
@@ -58,12 +63,22 @@ class LeanDecoder:
         self.norm = _Norm(inner.norm)
         self.lm_head = model.lm_head
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.attention_fn = ALL_ATTENTION_FUNCTIONS[config._attn_implementation]
+        self.attention_fn: AttentionFunction = ALL_ATTENTION_FUNCTIONS[config._attn_implementation]
         self.layers = [_lean_layer(layer) for layer in inner.layers[: config.num_hidden_layers]]
+
+    def with_attention(self, attention_fn: AttentionFunction) -> LeanDecoder:
+        """The same forward and weights, attending through `attention_fn` (an opaque op for torch.compile)."""
+        other = copy.copy(self)
+        other.attention_fn = attention_fn
+        return other
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_to_keep: Any = 0,
                  **_: object) -> LeanOutput:
+        return LeanOutput(self.logits(input_ids, position_ids, logits_to_keep)[None])
+
+    def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_to_keep: Any = 0) -> torch.Tensor:
+        """[rows, V] for input_ids and position_ids [1, T]."""
         hidden = self.embed(input_ids[0])  # [T, hidden]
         rotary = _Rotary(*self.rotary(hidden[None], position_ids=position_ids))
         tokens = hidden.shape[0]
@@ -75,7 +90,7 @@ class LeanDecoder:
             hidden = hidden.index_select(0, logits_to_keep)
         elif logits_to_keep:
             hidden = hidden[-logits_to_keep:]
-        return LeanOutput(self.lm_head(self.norm(hidden))[None])
+        return self.lm_head(self.norm(hidden))
 
     def _attend(self, layer: LeanLayer, normed: torch.Tensor, rotary: _Rotary, tokens: int) -> torch.Tensor:
         qkv = layer.qkv(normed).view(tokens, -1, self.head_dim)
@@ -94,8 +109,13 @@ class LeanDecoder:
         return layer.o_proj(out.reshape(tokens, -1))
 
 
+_decoders: weakref.WeakKeyDictionary[nn.Module, LeanDecoder] = weakref.WeakKeyDictionary()
+"""One per model: engines made again on the same loaded model (the bench's runs) share its joined layers and its
+compiled step."""
+
+
 def lean_decoder_for(model: nn.Module) -> LeanDecoder | None:
-    """A LeanDecoder for a supported model whose linear layers are all packed; None otherwise."""
+    """The LeanDecoder of a supported model whose linear layers are all packed; None otherwise."""
     if not isinstance(model, PreTrainedModel) or model.config.model_type not in SUPPORTED_MODEL_TYPES:
         return None
     linears = [m for m in model.modules() if isinstance(m, (nn.Linear, *PACKED))]
@@ -103,10 +123,13 @@ def lean_decoder_for(model: nn.Module) -> LeanDecoder | None:
         return None
     if model.config._attn_implementation not in ALL_ATTENTION_FUNCTIONS:
         return None
-    try:
-        return LeanDecoder(model)
-    except (AttributeError, TypeError, ValueError):  # a variant with other module names or shapes
-        return None
+    decoder = _decoders.get(model)
+    if decoder is None:
+        try:
+            decoder = _decoders[model] = LeanDecoder(model)
+        except (AttributeError, TypeError, ValueError):  # a variant with other module names or shapes
+            return None
+    return decoder
 
 
 def _lean_layer(layer: Any) -> LeanLayer:

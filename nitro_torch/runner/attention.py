@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -56,6 +57,9 @@ class AttentionMetadata:
     single_decode_len: int | None = None
     """The context length of the only row of a one-request decode step (known on the host): the torch path then
     attends to exactly that many gathered keys, with no mask."""
+    single_decode_first_block: int | None = None
+    """That row's first block, when its blocks follow each other in the cache: its keys are then read where they
+    are, with no gather copy (a request alone on a fresh server usually gets such a run)."""
     store_slots: torch.Tensor | None = None
     decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
     """The torch path's per-step tensors (KV store slots; decode key masks by sliding window), made by the first
@@ -85,19 +89,24 @@ class AttentionMetadata:
         return copy
 
 
-_current: AttentionMetadata | None = None
+class _StepState(threading.local):
+    """Per thread: a decode step compiled in the background runs its warm-up step beside the engine's steps."""
+
+    current: AttentionMetadata | None = None
+
+
+_step = _StepState()
 
 
 @contextlib.contextmanager
 def step_context(metadata: AttentionMetadata) -> Iterator[None]:
-    global _current
     metadata.store_slots = None
     metadata.decode_masks = {}
-    previous, _current = _current, metadata
+    previous, _step.current = _step.current, metadata
     try:
         yield
     finally:
-        _current = previous
+        _step.current = previous
 
 
 _backend: Backend = "auto"
@@ -233,9 +242,10 @@ def paged_attention_forward(
     softcap: float | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
-    if _current is None:
+    current = _step.current
+    if current is None:
         raise RuntimeError("nitro_paged attention called outside an engine step")
-    meta = _current.on(query.device)
+    meta = current.on(query.device)
     layer: int = module.layer_idx  # type: ignore[assignment]  # torch types Module attributes as Tensor | Module
     q = query[0].transpose(0, 1)  # [T, H, D]
     k = key[0].transpose(0, 1)  # [T, KV, D]
@@ -278,18 +288,31 @@ def _decode_with_torch(meta: AttentionMetadata, layer: int, q: torch.Tensor, sca
                        sliding_window: int | None, softcap: float | None) -> torch.Tensor:
     tables, context_lens = meta.decode_block_tables, meta.decode_context_lens
     assert tables is not None and context_lens is not None  # set whenever there are decode rows
-    keys, values = meta.kv_cache.gather(layer, tables.flatten())
-    num_reqs = tables.shape[0]
-    keys, values = keys.view(num_reqs, -1, *keys.shape[2:]), values.view(num_reqs, -1, *values.shape[2:])
     length = meta.single_decode_len
     if length is not None and not softcap:
         start = max(0, length - sliding_window) if sliding_window else 0
+        keys, values = _single_row_keys(meta, layer, tables)
         return paged_decode_attention(q, keys[:, start:length], values[:, start:length], context_lens, scale,
                                       all_keys=True)
+    keys, values = meta.kv_cache.gather(layer, tables.flatten())
+    num_reqs = tables.shape[0]
+    keys, values = keys.view(num_reqs, -1, *keys.shape[2:]), values.view(num_reqs, -1, *values.shape[2:])
     mask = meta.decode_masks.get(sliding_window)
     if mask is None:
         mask = meta.decode_masks[sliding_window] = decode_key_mask(context_lens, keys.shape[1], sliding_window)
     return paged_decode_attention(q, keys, values, context_lens, scale, sliding_window, softcap, mask=mask)
+
+
+def _single_row_keys(meta: AttentionMetadata, layer: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lone decode row's K and V [1, L, KV, D] (L: its blocks' slots): a view of the cache when its blocks
+    are consecutive, else gathered."""
+    first = meta.single_decode_first_block
+    if first is None:
+        keys, values = meta.kv_cache.gather(layer, tables.flatten())
+    else:
+        k_cache, v_cache = meta.kv_cache.keys[layer], meta.kv_cache.values[layer]
+        keys, values = k_cache[first: first + tables.shape[1]], v_cache[first: first + tables.shape[1]]
+    return keys.flatten(0, 1)[None], values.flatten(0, 1)[None]
 
 
 def _attend_with_kernels(meta: AttentionMetadata, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

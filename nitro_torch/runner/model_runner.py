@@ -11,15 +11,17 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from nitro_torch.models.lean_decoder import lean_decoder_for
+from nitro_torch.models.lean_decoder import LeanDecoder, lean_decoder_for
 from nitro_torch.runner.attention import AttentionMetadata, PrefillChunk, step_context
 from nitro_torch.runner.cuda_graphs import DecodeGraphs, DecodeInputs, capture_sizes
 from nitro_torch.runner.input_batch import HostBatch
 from nitro_torch.runner.kv_cache import KVCache
 from nitro_torch.runner.persistent_batch import PersistentBatch
+from nitro_torch.runner.row_decode import RowDecode, RowDecodeMode
 from nitro_torch.runner.sampler import INVALID_TOKEN, SampledToken
 from nitro_torch.runner.scheduler_output import SchedulerOutput
 from nitro_torch.runner.sequence import SequenceState
@@ -52,6 +54,13 @@ class LaunchedStep:
     """Set once the tokens are known on the host."""
 
 
+def first_of_consecutive(block_ids: np.ndarray) -> int | None:
+    """The first block id when the ids follow each other (a run of the cache), else None."""
+    if block_ids.size == 0 or (block_ids.size > 1 and not bool((np.diff(block_ids) == 1).all())):
+        return None
+    return int(block_ids[0])
+
+
 def _fill_pending(token_ids: torch.Tensor, batch: HostBatch, previous: LaunchedStep | None) -> None:
     """Write into the step's input ids, on the device, the tokens the step in flight sampled for its rows."""
     if previous is None or previous.tokens is None:
@@ -78,6 +87,8 @@ class ModelRunner:
         self.block_size = kv_cache.layout.block_size
         self.staging = InputStaging(device)
         self.graphs: DecodeGraphs | None = None
+        self.row_decode: RowDecode | None = None
+        """The compiled step of a request decoding alone on a CPU (packed weights), once it is ready."""
         self.requests = PersistentBatch(self.block_size)
         self.last_inputs: HostBatch | None = None
         """The inputs `execute` ran last (what the sampler may know of them without asking each row)."""
@@ -117,6 +128,14 @@ class ModelRunner:
                         "captured" + (" compiled" if compile else "") if capture else "compiled", graphs.sizes,
                         time.monotonic() - started)
         self.graphs = graphs
+
+    def enable_row_decode(self, mode: RowDecodeMode) -> RowDecode | None:
+        """Compile the one-request decode step (CPU, lean forward of packed weights only)."""
+        if mode == "off" or self.device.type != "cpu" or not isinstance(self.forward, LeanDecoder):
+            return None
+        self.row_decode = RowDecode(self.forward, self.kv_cache)
+        self.row_decode.start(mode)
+        return self.row_decode
 
     def execute_and_sample(self, step: SchedulerOutput) -> ModelRunnerOutput:
         """Apply the step's changes, run its forward, sample, and advance the states by what was computed and
@@ -197,6 +216,11 @@ class ModelRunner:
             if not batch.sampling:
                 return None, []
             return logits.index_select(0, tensors["logits_rows"]), batch.sampling
+        if self.row_decode is not None and self.row_decode.ready and batch.is_pure_decode and batch.num_decodes == 1:
+            with step_context(self.metadata(batch, tensors)):
+                row_logits = self.row_decode.logits(tensors["token_ids"], tensors["positions"])
+            if row_logits is not None:
+                return (row_logits, batch.sampling) if batch.sampling else (None, [])
         with step_context(self.metadata(batch, tensors)):
             keep = tensors["logits_rows"] if batch.sampling else 1
             out = self.forward(
@@ -238,6 +262,7 @@ class ModelRunner:
             metadata.decode_context_lens = tensors["decode_context_lens"]
             if batch.num_decodes == 1:
                 metadata.single_decode_len = max(1, int(batch.decode_context_lens[0]))
+                metadata.single_decode_first_block = first_of_consecutive(batch.decode_tables[0])
         if batch.prefill_query_lens:
             tables = tensors["prefill_tables"]
             metadata.prefills = [

@@ -125,6 +125,10 @@ def startup_block(config: Config, engine: EngineClient | None, urls: list[str]) 
             row("", f"linear layers {info.packed_weights}: fast, NOT token-identical to float32 "
                     "(--cpu-weights fp32 is)")
         row("Device:", info.device_name)
+        if info.row_decode_compile != "off":
+            when = ("compiling in the background (about a minute the first time, seconds once cached)"
+                    if info.row_decode_compile == "background" else "compiled at start-up")
+            row("Decode:", f"one request alone runs a torch.compile'd step: {when}")
         row("KV cache:", f"{capacity.kv_tokens} tokens ({capacity.kv_blocks} blocks of {capacity.block_size}): "
                          f"{capacity.full_context_requests} requests at the full context")
         row("Sequences:", f"up to {capacity.max_num_seqs} at once (--max-num-seqs)")

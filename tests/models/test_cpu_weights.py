@@ -108,7 +108,7 @@ def test_embedded_model_runs_its_own_gguf_blocks() -> None:
     assert loaded.cpu_weights.mode == "int4" and not loaded.cpu_weights.exact
     assert "210 GGUF Q4_1" in loaded.cpu_weights.description and "1 GGUF Q8_0" in loaded.cpu_weights.description
     assert isinstance(loaded.model.lm_head, Int4Linear) and loaded.model.lm_head.num_parts == 2  # Q8_0: 2 x 4 bits
-    engine = LLMEngine(loaded, build_config({"device": "cpu"}, env={}))
+    engine = LLMEngine(loaded, build_config({"device": "cpu", "cpu_decode_compile": "off"}, env={}))
     prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                                   add_generation_prompt=True, tokenize=True, return_dict=False)
     [answer] = engine.generate([prompt], [SamplingParams(temperature=0.0, max_tokens=12)])

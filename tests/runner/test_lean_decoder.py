@@ -25,7 +25,8 @@ def packed_engine(model_type: str, mode: str, smol_tokenizer, **options: object)
     assert packed.mode == mode and not packed.exact
     loaded = LoadedModel(model=model, tokenizer=smol_tokenizer, name=model_type, source_path="", device=CPU,
                          dtype=torch.float32, max_model_len=256, eos_token_ids=frozenset(), cpu_weights=packed)
-    config = build_config({"max_num_batched_tokens": 32, "num_kv_blocks": 64, "block_size": 16, **options}, env={})
+    config = build_config({"max_num_batched_tokens": 32, "num_kv_blocks": 64, "block_size": 16,
+                           "cpu_decode_compile": "off", **options}, env={})
     return LLMEngine(loaded, config)
 
 

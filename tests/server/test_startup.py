@@ -17,7 +17,7 @@ from tests.server.conftest import server_process
 
 BLOCK_START = "is ready."
 OPTIONS = ("--max-model-len", "1024", "--kv-cache-memory", "0.05", "--max-num-seqs", "6", "--log-level", "warning",
-           "--cpu-weights", "auto")  # the default, over the suite's fp32 (tests/conftest.py)
+           "--cpu-weights", "auto", "--cpu-decode-compile", "background")  # the defaults, over the suite's
 
 
 def startup_block(log_path: Path, timeout_s: float = 30.0) -> dict[str, list[str]]:
@@ -66,6 +66,8 @@ def test_the_block_tells_where_to_go_and_what_is_served() -> None:
             "temperature": 0}).json()  # the packed default answers as the model does
         assert "Paris" in answer["choices"][0]["message"]["content"]
         assert re.fullmatch(r"cpu \(\d+ threads\)", block["Device:"][0])
+        assert block["Decode:"] == ["one request alone runs a torch.compile'd step: compiling in the background "
+                                    "(about a minute the first time, seconds once cached)"]
         tokens, blocks, size = health["kv_capacity_tokens"], health["kv_blocks_total"], health["kv_block_size"]
         assert tokens == blocks * size and tokens > 0
         assert block["KV cache:"] == [f"{tokens} tokens ({blocks} blocks of {size}): "
