@@ -263,6 +263,8 @@ class ModelRunner:
             if batch.num_decodes == 1:
                 metadata.single_decode_len = max(1, int(batch.decode_context_lens[0]))
                 metadata.single_decode_first_block = first_of_consecutive(batch.decode_tables[0])
+                if batch.num_tokens == 1:
+                    metadata.single_decode_slot = int(batch.slots[0])
         if batch.prefill_query_lens:
             tables = tensors["prefill_tables"]
             metadata.prefills = [

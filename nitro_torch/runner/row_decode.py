@@ -142,4 +142,5 @@ class RowDecode:
             kv_cache=self.kv_cache, slot_mapping=torch.tensor([spare * self.kv_cache.layout.block_size]),
             num_decode_tokens=1, decode_block_tables=torch.tensor([[spare]]),
             decode_context_lens=torch.tensor([1]), single_decode_len=1, single_decode_first_block=spare,
+            single_decode_slot=spare * self.kv_cache.layout.block_size,
         )
