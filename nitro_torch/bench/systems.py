@@ -277,8 +277,9 @@ class Nitro(System):
 
         self.engine = LLMEngine(self.loaded, self.config)
         row_decode = self.engine.core.row_decode
-        if row_decode is not None and row_decode.ready and row_decode.seconds is not None:
-            self.notes.append(f"one-request decode step compiled in {row_decode.seconds:.1f} s (before the runs)")
+        compiled_note = "one-request decode step compiled (before the runs) in"
+        if row_decode is not None and row_decode.ready and not any(compiled_note in n for n in self.notes):
+            self.notes.append(f"{compiled_note} {row_decode.seconds:.1f} s")
         self.warmup()
 
     def generate(self, requests: Sequence[BenchRequest]) -> Outputs:
