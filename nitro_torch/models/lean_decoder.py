@@ -55,7 +55,6 @@ class LeanDecoder:
     logits_to_keep) -> .logits [1, rows, V]."""
 
     def __init__(self, model: PreTrainedModel) -> None:
-        self.model = model
         inner = model.model
         config = model.config
         self.embed = inner.embed_tokens

@@ -3,6 +3,9 @@ every architecture it accepts; others keep transformers' forward."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -73,3 +76,15 @@ def test_other_architectures_keep_transformers_forward(model_type: str, smol_tok
 def test_float_weights_keep_transformers_forward() -> None:
     model = tiny_model("llama", register_paged_attention())
     assert lean_decoder_for(model) is None
+
+
+def test_one_decoder_per_model_which_it_does_not_keep_alive() -> None:
+    """Engines made again on a model share its decoder (and compiled step); a model switched away is freed."""
+    model = tiny_model("llama", register_paged_attention())
+    pack_cpu_weights(model, "int4", CPU, None, "none")
+    decoder = lean_decoder_for(model)
+    assert decoder is not None and lean_decoder_for(model) is decoder
+    gone = weakref.ref(model)
+    del model, decoder
+    gc.collect()
+    assert gone() is None
