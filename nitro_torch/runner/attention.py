@@ -59,7 +59,7 @@ class AttentionMetadata:
     attends to exactly that many gathered keys, with no mask."""
     single_decode_slot: int | None = None
     """The cache slot of the step's token when the step is that one decode token alone (a single user): the torch
-    path then stores and attends it with a handful of ops (`_attend_lone_row`)."""
+    path writes its K/V row there directly."""
     single_decode_first_block: int | None = None
     """That row's first block, when its blocks follow each other in the cache: its keys are then read where they
     are, with no gather copy (a request alone on a fresh server usually gets such a run)."""
@@ -254,8 +254,6 @@ def paged_attention_forward(
     k = key[0].transpose(0, 1)  # [T, KV, D]
     v = value[0].transpose(0, 1)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    if meta.single_decode_slot is not None and not softcap and meta.write_kv and not _uses_kernels(q):
-        return _attend_lone_row(meta, layer, query, key, value, scale, sliding_window), None
     if _uses_kernels(q):
         out = _attend_with_kernels(meta, layer, q, k, v, scale, sliding_window, softcap)
     else:
@@ -267,9 +265,13 @@ def _attend_with_torch(meta: AttentionMetadata, layer: int, q: torch.Tensor, k: 
                        scale: float, sliding_window: int | None, softcap: float | None) -> torch.Tensor:
     if meta.write_kv:
         k_cache, v_cache = meta.kv_cache.keys[layer], meta.kv_cache.values[layer]
-        if meta.store_slots is None:
-            meta.store_slots = storable_slots(meta.slot_mapping, k_cache)
-        store_at_slots(k_cache, v_cache, k, v, meta.store_slots)
+        if meta.single_decode_slot is not None:  # one token: a plain row write, no slot tensor to build
+            k_cache.view(-1, *k_cache.shape[2:])[meta.single_decode_slot] = k[0]
+            v_cache.view(-1, *v_cache.shape[2:])[meta.single_decode_slot] = v[0]
+        else:
+            if meta.store_slots is None:
+                meta.store_slots = storable_slots(meta.slot_mapping, k_cache)
+            store_at_slots(k_cache, v_cache, k, v, meta.store_slots)
     nd = meta.num_decode_tokens
     decoded = _decode_with_torch(meta, layer, q[:nd], scale, sliding_window, softcap) if nd else None
     if decoded is not None and not meta.prefills:
@@ -306,25 +308,6 @@ def _decode_with_torch(meta: AttentionMetadata, layer: int, q: torch.Tensor, sca
     if mask is None:
         mask = meta.decode_masks[sliding_window] = decode_key_mask(context_lens, keys.shape[1], sliding_window)
     return paged_decode_attention(q, keys, values, context_lens, scale, sliding_window, softcap, mask=mask)
-
-
-def _attend_lone_row(meta: AttentionMetadata, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     scale: float, sliding_window: int | None) -> torch.Tensor:
-    """One decode token [1, H, 1, D] alone in its step: its K/V stored at its slot, then the same SDPA call as
-    `paged_decode_attention` makes for it, over exactly its context. Returns [1, 1, H, D]."""
-    k_cache, v_cache = meta.kv_cache.keys[layer], meta.kv_cache.values[layer]
-    slot = meta.single_decode_slot
-    k_cache.view(-1, *k_cache.shape[2:])[slot] = key[0, :, 0]
-    v_cache.view(-1, *v_cache.shape[2:])[slot] = value[0, :, 0]
-    length = meta.single_decode_len
-    assert length is not None and meta.decode_block_tables is not None  # set with single_decode_slot
-    start = max(0, length - sliding_window) if sliding_window else 0
-    keys, values = _single_row_keys(meta, layer, meta.decode_block_tables)
-    head_dim = query.shape[-1]
-    grouped = query.reshape(1, keys.shape[2], -1, head_dim)
-    out = F.scaled_dot_product_attention(grouped, keys[:, start:length].transpose(1, 2),
-                                         values[:, start:length].transpose(1, 2), scale=scale)
-    return out.reshape(1, 1, -1, head_dim)
 
 
 def _single_row_keys(meta: AttentionMetadata, layer: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
