@@ -34,6 +34,7 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "weight dtype; auto = bfloat16 on CUDA, float32 on CPU"})
     device: Literal["auto", "cuda", "cpu"] = field(default="auto", metadata={"help": "auto = cuda when available"})
     device_map: Literal["none", "auto"] = field(default="none", metadata={"help": "auto: spread the layers over all visible GPUs with accelerate, for a model that does not fit one (eager decoding, one GPU computes at a time)"})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "split every layer over N worker processes (one per GPU; NCCL on CUDA, gloo on CPU) with transformers' tensor-parallel plan: each holds 1/N of the weights and of the KV heads; attention heads and KV heads must divide by N; no bitsandbytes or packed CPU weights"})
     max_model_len: int | None = field(default=None, metadata={"help": "context window (default: the model's)"})
     hf_token_file: str | None = field(default=None, metadata={"help": "file holding the Hugging Face token (stripped) for gated or private hub models; instead of $HF_TOKEN"})
     model_cache_dir: str | None = field(default=None, metadata={"help": "where converted models are kept (default: $NITRO_HOME or ~/.cache/nitro_torch)"})
@@ -135,6 +136,7 @@ class Config:
                               "timeouts may not be negative")
         if not 0 < self.server.port < 65536:
             raise ConfigError("port must be in 1..65535")
+        self._validate_tensor_parallel()
         if self.chat.chat_template and not Path(self.chat.chat_template).is_file():
             raise ConfigError(f"chat template file not found: {self.chat.chat_template}")
         security = self.security
@@ -143,6 +145,25 @@ class Config:
         security.api_key_file = security.admin_api_key_file = None  # resolved: the keys are in place now
         if security.admin_api_key is not None and security.admin_api_key == security.api_key:
             raise ConfigError("admin_api_key must differ from api_key")
+
+    def _validate_tensor_parallel(self) -> None:
+        model, size = self.model, self.model.tensor_parallel_size
+        if size < 1:
+            raise ConfigError("tensor_parallel_size must be at least 1")
+        if size == 1:
+            return
+        if model.device_map == "auto":
+            raise ConfigError("--tensor-parallel-size splits each layer over the GPUs and --device-map auto spreads "
+                              "whole layers: choose one")
+        if model.quantization != "none":
+            raise ConfigError(f"--quantization {model.quantization}: bitsandbytes weights have no tensor-parallel "
+                              "path in transformers; use 16-bit weights with --tensor-parallel-size")
+        if model.cpu_weights in ("int4", "int8"):
+            raise ConfigError(f"--cpu-weights {model.cpu_weights}: packed CPU weights cannot be split over ranks; "
+                              "use --cpu-weights fp32 (or auto) with --tensor-parallel-size")
+        if self.runner.engine_core == "thread":
+            raise ConfigError("--tensor-parallel-size needs the engine core in its own process (--engine-core "
+                              "process): a worker that dies must be able to take the core down")
 
 
 def _resolve_key(key: str | None, key_file: str | None, name: str) -> str | None:

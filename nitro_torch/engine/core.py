@@ -24,9 +24,11 @@ from nitro_torch.models.loader import LoadedModel, apply_chat_template_file
 from nitro_torch.runner.attention import set_attention_backend
 from nitro_torch.runner.guided import GuidedDecoder, logits_vocab_size
 from nitro_torch.runner.host_memory import reuse_large_allocations
-from nitro_torch.runner.kv_cache import GIB, KVCache, KVLayout, attention_layer_devices
-from nitro_torch.runner.memory import blocks_for_budgets, describe_capacity, gpu_kv_budgets
+from nitro_torch.runner.kv_cache import GIB, KVLayout, attention_layer_devices
+from nitro_torch.runner.memory import build_kv_cache, describe_capacity
 from nitro_torch.runner.model_runner import LaunchedStep, ModelRunner
+from nitro_torch.runner.parallel.group import current_ranks
+from nitro_torch.runner.parallel.messages import RunEmbed, rank_report
 from nitro_torch.runner.row_decode import use_inductor_cache_in
 from nitro_torch.runner.sampler import Sampler
 from nitro_torch.runner.step_sampling import ModelRunnerOutput, StepSampler
@@ -44,11 +46,16 @@ class EngineCore:
         self.device = loaded.device
         set_attention_backend(config.runner.attention_backend)
         reuse_large_allocations()
-        layout = KVLayout.from_model_config(loaded.model.config, config.cache.block_size, loaded.dtype)
-        layer_devices = attention_layer_devices(loaded.model, layout.num_layers) \
+        self.ranks = current_ranks() if config.model.tensor_parallel_size > 1 else None
+        """The tensor-parallel group, when this core's runner is rank 0 of several."""
+        if config.model.tensor_parallel_size > 1 and self.ranks is None:
+            raise RuntimeError("a tensor-parallel model needs its ranks started first (engine/loading.py)")
+        num_layers = KVLayout.from_model_config(loaded.model.config, 1, loaded.dtype).num_layers
+        layer_devices = attention_layer_devices(loaded.model, num_layers) \
             if config.model.device_map == "auto" else None
-        num_blocks = self._num_kv_blocks(layout, layer_devices or [self.device] * layout.num_layers)
-        self.kv_cache = KVCache(layout, num_blocks, self.device, layer_devices)
+        self.kv_cache = build_kv_cache(loaded.model, self.device, loaded.dtype, loaded.max_model_len, config,
+                                       layer_devices, self.ranks)
+        layout, num_blocks = self.kv_cache.layout, self.kv_cache.num_blocks
         self.max_model_len = min(loaded.max_model_len, self.kv_cache.capacity_tokens)
         if self.max_model_len < loaded.max_model_len:
             logger.warning("context window limited to %d tokens by the KV cache size", self.max_model_len)
@@ -60,7 +67,9 @@ class EngineCore:
         self.sampler = Sampler(self.device)
         self.guided = GuidedDecoder(self.tokenizer, logits_vocab_size(loaded.model), loaded.eos_token_ids,
                                     self.device)
-        self.runner = ModelRunner(loaded.model, self.kv_cache, self.device, StepSampler(self.sampler, self.guided))
+        self.runner = ModelRunner(loaded.model, self.kv_cache, self.device, StepSampler(self.sampler, self.guided),
+                                  self.ranks)
+        self.rank_reports = self.ranks.gather(rank_report(0, loaded.model, self.kv_cache)) if self.ranks else []
         self.requests: dict[str, Request] = {}
         self._in_flight: tuple[StepPlan, LaunchedStep] | None = None
         """Asynchronous scheduling: the launched step whose tokens are not collected yet."""
@@ -70,8 +79,10 @@ class EngineCore:
         if self._use_decode_graphs():
             self.runner.enable_decode_graphs(sched.max_num_seqs, self.max_model_len,
                                              compile=config.runner.compile_decode)
-        elif config.runner.compile_decode:  # the same padded decode path, compiled, without graphs (e.g. on CPU)
+        elif config.runner.compile_decode and self.ranks is None:  # the padded decode path, compiled, no graphs
             self.runner.enable_decode_graphs(sched.max_num_seqs, self.max_model_len, capture=False, compile=True)
+        if self.ranks is not None:
+            self._log_ranks()
         if config.runner.cpu_decode_compile != "off":
             use_inductor_cache_in(nitro_cache_dir(config.model.model_cache_dir))
         self.row_decode = self.runner.enable_row_decode(config.runner.cpu_decode_compile)
@@ -80,6 +91,9 @@ class EngineCore:
     def _use_decode_graphs(self) -> bool:
         runner = self.config.runner
         if self.device.type != "cuda" or not runner.cuda_graphs:
+            return False
+        if self.ranks is not None:  # every rank would have to replay its own graph in step: eager for now
+            logger.info("decode CUDA graphs are off with --tensor-parallel-size")
             return False
         if self.config.model.device_map == "auto":  # a step spans several devices: no single-device capture
             logger.info("decode CUDA graphs are off with --device-map auto")
@@ -92,22 +106,19 @@ class EngineCore:
             return False
         return True
 
-    def _num_kv_blocks(self, layout: KVLayout, layer_devices: list[torch.device]) -> int:
-        cache = self.config.cache
-        if cache.num_kv_blocks:
-            return cache.num_kv_blocks
-        if self.device.type == "cuda":
-            sched = self.config.scheduler
-            budgets = gpu_kv_budgets(
-                self.loaded.model, layer_devices, cache.gpu_memory_utilization, sched.max_num_batched_tokens,
-                sched.max_num_seqs, self.loaded.max_model_len, logits_vocab_size(self.loaded.model),
-            )
-            blocks = blocks_for_budgets(layout, budgets, layer_devices)
-        else:
-            blocks = layout.blocks_for_bytes(int(cache.kv_cache_memory * GIB))
-        if blocks < 1:
-            raise RuntimeError("no memory left for the KV cache; lower the model size or raise the budget")
-        return blocks
+    def _log_ranks(self) -> None:
+        for report in self.rank_reports:
+            logger.info("rank %d on %s: %s", report.rank, report.device, report.describe())
+        logger.info("KV cache over %d ranks: %.2f GiB in all, each holding %d of the %d KV heads",
+                    len(self.rank_reports), sum(r.kv_cache_bytes for r in self.rank_reports) / GIB,
+                    self.kv_cache.layout.num_kv_heads, self.kv_cache.layout.num_kv_heads * len(self.rank_reports))
+        if self.config.runner.async_scheduling:
+            logger.info("asynchronous scheduling is off with --tensor-parallel-size (the ranks step in lockstep)")
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do for a model on one device)."""
+        if self.ranks is not None:
+            self.ranks.close()
 
     def _describe(self) -> EngineInfo:
         if self.device.type == "cuda":
@@ -115,7 +126,9 @@ class EngineCore:
             if self.config.model.device_map == "auto":
                 name += " (layers spread with --device-map auto)"
         else:
-            name = f"cpu ({torch.get_num_threads()} threads)"
+            name = f"cpu ({torch.get_num_threads()} threads{' per rank' if self.ranks else ''})"
+        if self.ranks is not None:
+            name += f"; rank 0 of {self.ranks.world_size}"
         return EngineInfo(
             model_name=self.model_name, model_path=self.loaded.source_path, device=str(self.device),
             device_name=name, dtype=str(self.loaded.dtype).removeprefix("torch."),
@@ -126,6 +139,9 @@ class EngineCore:
             embedding_size=self.embedding_size, eos_token_ids=self.loaded.eos_token_ids,
             packed_weights="" if self.loaded.cpu_weights.exact else self.loaded.cpu_weights.description,
             row_decode_compile="off" if self.row_decode is None else self.config.runner.cpu_decode_compile,
+            tensor_parallel_size=self.config.model.tensor_parallel_size,
+            ranks=[f"rank {r.rank} on {r.device}: {r.describe()}" for r in self.rank_reports],
+            kv_cache_bytes=sum(r.kv_cache_bytes for r in self.rank_reports) or self.kv_cache.nbytes,
         )
 
     # requests -------------------------------------------------------------------------------------
@@ -172,7 +188,7 @@ class EngineCore:
     def step(self) -> list[CoreOutput]:
         """One step. A failure that belongs to one request (its sampling, non-finite logits) ends that request
         alone with an error output; a failed forward raises for the caller."""
-        if self.config.runner.async_scheduling:
+        if self.config.runner.async_scheduling and self.ranks is None:
             return self._step_overlapped()
         plan = self.scheduler.schedule()
         if plan.is_empty:
@@ -332,6 +348,8 @@ class EngineCore:
             if not ids or len(ids) > self.max_model_len:
                 raise ValueError(f"embedding inputs need 1 to {self.max_model_len} tokens, not {len(ids)}")
         embedder = getattr(self, "_embedder", None)
+        if self.ranks is not None:  # every rank runs the same forwards (their collectives must meet)
+            self.ranks.broadcast(RunEmbed(token_id_lists))
         if embedder is None:
             embedder = self._embedder = Embedder(self.loaded.model, self.kv_cache, self.device,
                                                  self.config.scheduler.max_num_batched_tokens)

@@ -48,7 +48,7 @@ def run_core_process(config: Config, conn: Connection, cpu_threads: int | None) 
 
     phase = "load"
     try:
-        loaded = stage_weights(config)
+        loaded = stage_weights(config, cpu_threads)
         channel.send(CoreStaged())
         if not isinstance(channel.receive(), StartCore):
             return
@@ -57,7 +57,10 @@ def run_core_process(config: Config, conn: Connection, cpu_threads: int | None) 
         del loaded
         channel.send(CoreReady(core.info))
         phase = "run"
+        if core.ranks is not None:
+            core.ranks.exit_on_worker_death()
         CoreLoop(core, channel).run()
+        core.close()
     except _CHANNEL_CLOSED as exc:
         if phase != "run":
             logger.info("engine core ends: the server closed the channel (%s)", type(exc).__name__)
@@ -106,6 +109,7 @@ class CoreLoop:
 
     def run(self) -> None:
         from nitro_torch.engine.client import is_fatal_device_error
+        from nitro_torch.runner.parallel.group import RanksLost
 
         while True:
             if not self._apply_inputs(block=not self.core.has_unfinished_requests):
@@ -116,8 +120,8 @@ class CoreLoop:
                 try:
                     outputs.extend(self.core.step())
                 except Exception as exc:
-                    if is_fatal_device_error(exc):
-                        raise  # the device is unusable: the process ends and the client fails every request
+                    if is_fatal_device_error(exc) or isinstance(exc, RanksLost):
+                        raise  # the device (or a rank) is gone: the process ends and the client fails every request
                     logger.exception("engine step failed; failing its requests")
                     outputs.extend(self.core.fail_running(exc))
             if outputs or self.dirty:

@@ -11,6 +11,7 @@ import uuid
 from nitro_torch.config import Config
 from nitro_torch.engine.context_length import ContextLengthExceeded, check_context_length
 from nitro_torch.engine.core import EngineCore
+from nitro_torch.engine.loading import load_tensor_parallel
 from nitro_torch.engine.messages import CoreOutput, EngineCoreRequest, EngineStats
 from nitro_torch.engine.output_processor import OutputProcessor
 from nitro_torch.engine.outputs import FinishReason, RequestOutput
@@ -30,7 +31,13 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, config: Config) -> LLMEngine:
+        if config.model.tensor_parallel_size > 1:
+            return cls(load_tensor_parallel(config), config)
         return cls(load_model(config.model, attn_implementation=register_paged_attention()), config)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (a model on one device needs no closing)."""
+        self.core.close()
 
     # the core's parts, as tests and benchmarks inspect them
     loaded = property(lambda self: self.core.loaded)

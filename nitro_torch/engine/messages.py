@@ -135,6 +135,11 @@ class EngineInfo(msgspec.Struct, frozen=True):
     """How --cpu-weights packed the linear layers ("": the float weights as loaded, token-identical)."""
     row_decode_compile: str = "off"
     """When the compiled one-request CPU decode step was made (--cpu-decode-compile; off: none)."""
+    tensor_parallel_size: int = 1
+    ranks: list[str] = []
+    """With tensor parallelism: what each rank holds ("rank 1 on cuda:1: weights ..."), rank 0 first."""
+    kv_cache_bytes: int = 0
+    """The KV cache's bytes, summed over the ranks."""
 
 
 class CoreStaged(msgspec.Struct, tag="staged"):

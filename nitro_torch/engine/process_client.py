@@ -253,10 +253,12 @@ class ProcessEngineClient:
                 elif isinstance(message, CoreFailed):
                     raise EngineError(f"the engine core failed: {message.error_types[0]}: {message.message}")
         except (EOFError, OSError, EngineError) as exc:
-            if not self._closing:
-                logger.error("the engine core process ended (exit code %s): %s", self._process.exitcode, exc)
             self._dead = self._dead or exc
             self._fail_everything(EngineDeadError("the engine stopped unexpectedly"))
+            if not self._closing:
+                self._process.join(2)  # its exit code, for the log
+                logger.error("the engine core process ended (exit code %s)%s", self._process.exitcode,
+                             f": {exc}" if str(exc) else "")
 
     def _resolve(self, result: CallResult) -> None:
         entry = self._calls.pop(result.call_id, None)

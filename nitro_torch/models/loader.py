@@ -23,6 +23,7 @@ from nitro_torch.models.hub_cache import hf_hub_cache_dir  # noqa: F401  (import
 from nitro_torch.models.hub_errors import ModelNotFoundError
 from nitro_torch.models.hub_names import hub_name_of
 from nitro_torch.models.quantization import activation_dtype, plan_quantization
+from nitro_torch.models.tensor_parallel import check_splittable, tensor_parallel_arguments
 
 logger = logging.getLogger("nitro_torch.models")
 
@@ -139,6 +140,9 @@ def load_model(config: ModelConfig, attn_implementation: str | None = None) -> L
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
 
+    tensor_parallel = tensor_parallel_load(config, path)
+    if tensor_parallel and device.type == "cuda":
+        device = torch.device("cuda", torch.distributed.get_rank())  # transformers binds rank r to GPU r
     quantization = plan_quantization(config, path, dtype, device)
     weights = "" if quantization.description == "none" else f", {quantization.description}"
 
@@ -149,13 +153,14 @@ def load_model(config: ModelConfig, attn_implementation: str | None = None) -> L
     quantize = {"quantization_config": quantization.config} if quantization.config is not None else {}
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True,
-        device_map=_device_map(config, device, quantization.bitsandbytes), **quantize,
+        device_map=None if tensor_parallel else _device_map(config, device, quantization.bitsandbytes),
+        **quantize, **tensor_parallel,
     )
-    if not quantization.bitsandbytes and config.device_map == "none":
+    if not quantization.bitsandbytes and config.device_map == "none" and not tensor_parallel:
         model.to(device)  # type: ignore[arg-type]  # transformers' decorated `to` mistypes its first argument
     model.eval()
     model.requires_grad_(False)
-    cpu_weights = pack_cpu_weights(model, config.cpu_weights, device,
+    cpu_weights = pack_cpu_weights(model, "fp32" if tensor_parallel else config.cpu_weights, device,
                                    gguf_file_of(config.model, config.model_cache_dir), quantization.description)
     packed = "" if cpu_weights.exact else f", {cpu_weights.description}"
     report_progress(f"loaded {name} (quantization: {quantization.description}{packed}) in "
@@ -175,6 +180,16 @@ def load_model(config: ModelConfig, attn_implementation: str | None = None) -> L
         quantization=quantization.description,
         cpu_weights=cpu_weights,
     )
+
+
+def tensor_parallel_load(config: ModelConfig, path: str) -> dict[str, object]:
+    """from_pretrained's tensor-parallel arguments for this process's rank ({} without tensor parallelism)."""
+    if config.tensor_parallel_size == 1:
+        return {}
+    if not torch.distributed.is_initialized():
+        raise RuntimeError("a tensor-parallel model loads inside the ranks' process group (runner/parallel)")
+    check_splittable(path, config.tensor_parallel_size)
+    return tensor_parallel_arguments(config.tensor_parallel_size, torch.distributed.get_rank())
 
 
 def _device_map(config: ModelConfig, device: torch.device, bitsandbytes: bool) -> str | dict[str, torch.device] | None:

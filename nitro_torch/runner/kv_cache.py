@@ -19,12 +19,14 @@ class KVLayout:
     dtype: torch.dtype
 
     @classmethod
-    def from_model_config(cls, config: PretrainedConfig, block_size: int, dtype: torch.dtype) -> KVLayout:
+    def from_model_config(cls, config: PretrainedConfig, block_size: int, dtype: torch.dtype,
+                          num_ranks: int = 1) -> KVLayout:
+        """`num_ranks`: the layout of one rank of a tensor-parallel model, which holds 1/N of the KV heads."""
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         num_heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
         num_kv_heads = getattr(text, "num_key_value_heads", None) or num_heads
-        return cls(text.num_hidden_layers, num_kv_heads, head_dim, block_size, dtype)
+        return cls(text.num_hidden_layers, num_kv_heads // num_ranks, head_dim, block_size, dtype)
 
     @property
     def bytes_per_block(self) -> int:
@@ -83,6 +85,10 @@ class KVCache:
                 on_device[cache.device] = indices.to(cache.device)
             sources, destinations = on_device[cache.device]
             cache.index_copy_(0, destinations, cache.index_select(0, sources))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
     @property
     def capacity_tokens(self) -> int:

@@ -4,12 +4,18 @@ of the largest step (measured by running it once); on CPU, --kv-cache-memory GiB
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel
 
+from nitro_torch.config import Config
 from nitro_torch.runner.attention import AttentionMetadata, PrefillChunk, step_context
+from nitro_torch.runner.guided import logits_vocab_size
 from nitro_torch.runner.kv_cache import GIB, KVCache, KVLayout
+
+if TYPE_CHECKING:
+    from nitro_torch.runner.parallel.group import RankGroup
 
 logger = logging.getLogger("nitro_torch.runner")
 
@@ -82,6 +88,38 @@ def blocks_for_budgets(layout: KVLayout, budgets: dict[torch.device, int], layer
     per_layer_block = layout.bytes_per_block // layout.num_layers
     return min(max(0, budget) // (per_layer_block * layer_devices.count(device))
                for device, budget in budgets.items())
+
+
+def num_kv_blocks(model: PreTrainedModel, layout: KVLayout, layer_devices: list[torch.device], config: Config,
+                  max_model_len: int, num_ranks: int = 1) -> int:
+    """The KV blocks this rank can hold: --num-kv-blocks, else what the GPU budget leaves, else its share of
+    --kv-cache-memory on the CPU (the ranks of a tensor-parallel model split the budget: each holds 1/N of the KV
+    heads, so N ranks hold the same blocks as one would)."""
+    cache, sched = config.cache, config.scheduler
+    if cache.num_kv_blocks:
+        return cache.num_kv_blocks
+    if layer_devices[0].type == "cuda":
+        budgets = gpu_kv_budgets(model, layer_devices, cache.gpu_memory_utilization, sched.max_num_batched_tokens,
+                                 sched.max_num_seqs, max_model_len, logits_vocab_size(model))
+        blocks = blocks_for_budgets(layout, budgets, layer_devices)
+    else:
+        blocks = layout.blocks_for_bytes(int(cache.kv_cache_memory * GIB / num_ranks))
+    if blocks < 1:
+        raise RuntimeError("no memory left for the KV cache; lower the model size or raise the budget")
+    return blocks
+
+
+def build_kv_cache(model: PreTrainedModel, device: torch.device, dtype: torch.dtype, max_model_len: int,
+                   config: Config, layer_devices: list[torch.device] | None = None,
+                   ranks: RankGroup | None = None) -> KVCache:
+    """The paged KV cache of this process's model (of its rank's KV heads; the ranks agree on the block count)."""
+    num_ranks = ranks.world_size if ranks is not None else 1
+    layout = KVLayout.from_model_config(model.config, config.cache.block_size, dtype, num_ranks)
+    blocks = num_kv_blocks(model, layout, layer_devices or [device] * layout.num_layers, config, max_model_len,
+                           num_ranks)
+    if ranks is not None:
+        blocks = ranks.agree_min(blocks)
+    return KVCache(layout, blocks, device, layer_devices)
 
 
 def describe_capacity(num_blocks: int, block_size: int, max_model_len: int, max_num_seqs: int) -> str:

@@ -20,6 +20,8 @@ from nitro_torch.runner.attention import AttentionMetadata, PrefillChunk, step_c
 from nitro_torch.runner.cuda_graphs import DecodeGraphs, DecodeInputs, capture_sizes
 from nitro_torch.runner.input_batch import HostBatch
 from nitro_torch.runner.kv_cache import KVCache
+from nitro_torch.runner.parallel.group import RankGroup
+from nitro_torch.runner.parallel.messages import RunStep
 from nitro_torch.runner.persistent_batch import PersistentBatch
 from nitro_torch.runner.row_decode import RowDecode, RowDecodeMode
 from nitro_torch.runner.sampler import INVALID_TOKEN, SampledToken
@@ -77,8 +79,11 @@ def _fill_pending(token_ids: torch.Tensor, batch: HostBatch, previous: LaunchedS
 
 class ModelRunner:
     def __init__(self, model: PreTrainedModel, kv_cache: KVCache, device: torch.device,
-                 sampling: StepSampler | None = None) -> None:
+                 sampling: StepSampler | None = None, peers: RankGroup | None = None) -> None:
         self.model = model
+        self.peers = peers
+        """The other ranks of a tensor-parallel model (this runner is rank 0): each step goes to them first."""
+        self._sampled_for_peers: dict[str, int] = {}
         self.forward = lean_decoder_for(model) or model
         """What runs a step: the lean forward for CPU-packed weights, else the model itself."""
         self.sampling = sampling
@@ -151,9 +156,16 @@ class ModelRunner:
         token `previous` (the step still in flight) sampled read it on the device. Without `overlap` the step
         samples at once on the host (`previous` must have been collected)."""
         assert self.sampling is not None, "a runner that samples needs a StepSampler"
+        if self.peers is not None:
+            self.peers.broadcast(RunStep(step, self._sampled_for_peers))
         self.requests.apply(step)
         self.last_inputs = None
-        logits, rows = self.execute(step, previous)
+        try:
+            logits, rows = self.execute(step, previous)
+        except Exception as exc:
+            if self.peers is not None:  # the ranks are out of step: no later step can work
+                raise self.peers.check_step(exc) from exc
+            raise
         if overlap and logits is not None:
             request_ids = [row.request_id for row in rows]
             with torch.inference_mode():
@@ -163,7 +175,9 @@ class ModelRunner:
         hint = self.last_inputs.all_plain_greedy if self.last_inputs is not None else None
         with torch.inference_mode():
             output = self.sampling.sample(logits, rows, hint)
-        self.requests.record(step, {request_id: token.token_id for request_id, token in output.sampled.items()})
+        sampled = {request_id: token.token_id for request_id, token in output.sampled.items()}
+        self.requests.record(step, sampled)
+        self._sampled_for_peers = sampled
         return LaunchedStep([row.request_id for row in rows], None, output)
 
     def collect(self, launched: LaunchedStep) -> ModelRunnerOutput:

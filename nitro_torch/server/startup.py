@@ -125,12 +125,18 @@ def startup_block(config: Config, engine: EngineClient | None, urls: list[str]) 
             row("", f"linear layers {info.packed_weights}: fast, NOT token-identical to float32 "
                     "(--cpu-weights fp32 is)")
         row("Device:", info.device_name)
+        if info.tensor_parallel_size > 1:
+            row("Parallel:", f"every layer split over {info.tensor_parallel_size} ranks (--tensor-parallel-size)")
+            for rank in info.ranks:
+                row("", rank)
         if info.row_decode_compile != "off":
             when = ("compiling in the background (about a minute the first time, seconds once cached)"
                     if info.row_decode_compile == "background" else "compiled at start-up")
             row("Decode:", f"one request alone runs a torch.compile'd step: {when}")
-        row("KV cache:", f"{capacity.kv_tokens} tokens ({capacity.kv_blocks} blocks of {capacity.block_size}): "
-                         f"{capacity.full_context_requests} requests at the full context")
+        summed = f", {info.kv_cache_bytes / (1 << 30):.2f} GiB over {info.tensor_parallel_size} ranks" \
+            if info.tensor_parallel_size > 1 else ""
+        row("KV cache:", f"{capacity.kv_tokens} tokens ({capacity.kv_blocks} blocks of {capacity.block_size}"
+                         f"{summed}): {capacity.full_context_requests} requests at the full context")
         row("Sequences:", f"up to {capacity.max_num_seqs} at once (--max-num-seqs)")
     security = config.security
     if security.api_key:
