@@ -27,7 +27,8 @@ from nitro_torch.config import OPTIONS, ServerConfig, build_config, load_yaml
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "docker" / "k8s"
 HPA_COMPONENT = "components/hpa-prometheus-adapter"
-OVERLAYS = ("cpu-small", "gpu-8b-4bit")
+OVERLAYS = ("cpu-small", "gpu-8b-4bit", "gpu-70b-tp4")
+GPU_OVERLAYS = ("gpu-8b-4bit", "gpu-70b-tp4")
 # name -> (kustomization folder relative to docker/k8s, add the HPA component to it)
 VARIANTS: dict[str, tuple[str, bool]] = {
     "base": ("base", False),
@@ -121,7 +122,7 @@ def test_renders_with_the_expected_resources(variant: str) -> None:
     autoscaler = "HorizontalPodAutoscaler" if variant.endswith("+hpa") else "ScaledObject"
     expected = {"Namespace", "ServiceAccount", "PersistentVolumeClaim", "Deployment", "Service", "NetworkPolicy",
                 "PodDisruptionBudget", "ServiceMonitor", autoscaler}
-    if variant.startswith("gpu-8b-4bit"):
+    if variant.startswith(GPU_OVERLAYS):
         expected.add("ConfigMap")
     assert set(kinds) == expected and len(kinds) == len(expected), kinds
     assert {"HorizontalPodAutoscaler", "ScaledObject"} & set(kinds) == {autoscaler}, "exactly one autoscaler"
@@ -292,7 +293,7 @@ def test_env_vars_and_the_config_file_are_real_options(variant: str) -> None:
     if variant.startswith("cpu-small"):
         assert config.model.device == "cpu" and gpus is None and config.model.model == "default"
     else:
-        assert gpus == 1 and config.model.device in ("auto", "cuda")
+        assert gpus == config.model.tensor_parallel_size and config.model.device in ("auto", "cuda")
     if variant.startswith("gpu-8b-4bit"):
         assert config.model.quantization == "bnb-4bit" and config.model.device == "cuda"
 
@@ -312,14 +313,15 @@ def config_file_of(docs: list[dict[str, Any]], path: str) -> Path:
     return target
 
 
-def test_the_gpu_overlay_pulls_the_served_model_into_the_servers_cache_before_it_starts() -> None:
+@pytest.mark.parametrize("overlay", GPU_OVERLAYS)
+def test_the_gpu_overlay_pulls_the_served_model_into_the_servers_cache_before_it_starts(overlay: str) -> None:
     """The init container runs `nitro-torch pull` on the config file the server reads, into the HF cache the server
     reads, on the model volume, with the network the server does without, and a token from an optional Secret
     (as a file, as the API key)."""
     from nitro_torch.cli import build_parser
     from nitro_torch.models.hub_names import hub_name_of
 
-    docs = rendered("gpu-8b-4bit")
+    docs = rendered(overlay)
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     [pull] = pod["initContainers"]
     main = container(docs)
@@ -346,14 +348,28 @@ def test_the_gpu_overlay_pulls_the_served_model_into_the_servers_cache_before_it
     assert hub_name_of(config.model.model) is not None, "the init container pulls the model the server serves"
 
 
-def test_the_gpu_overlay_config_matches_configs() -> None:
-    """The overlay keeps a copy of configs/gpu-8b-4bit.yaml (kustomize loads nothing outside its folder)."""
-    copy = K8S / "overlays" / "gpu-8b-4bit" / "gpu-8b-4bit.yaml"
+@pytest.mark.parametrize(("overlay", "key", "value"), [("gpu-8b-4bit", "quantization", "bnb-4bit"),
+                                                        ("gpu-70b-tp4", "tensor_parallel_size", 4)])
+def test_the_gpu_overlay_config_matches_configs(overlay: str, key: str, value: object) -> None:
+    """Each GPU overlay keeps a copy of its configs/ file (kustomize loads nothing outside its folder)."""
+    copy = K8S / "overlays" / overlay / f"{overlay}.yaml"
     values = load_yaml(copy)  # only real options
-    assert values["quantization"] == "bnb-4bit"
-    original = ROOT / "configs" / "gpu-8b-4bit.yaml"
+    assert values[key] == value
+    original = ROOT / "configs" / f"{overlay}.yaml"
     if original.is_file():
         assert load_yaml(original) == values, f"{copy} differs from {original}: copy it over"
+
+
+def test_the_tensor_parallel_overlay_gives_each_rank_a_gpu() -> None:
+    """--tensor-parallel-size N needs N GPUs in the pod, and NCCL a /dev/shm in memory."""
+    docs = rendered("gpu-70b-tp4")
+    config = build_config(env={}, config_file=config_file_of(docs, env_values(docs)["NITRO_CONFIG"]))
+    resources = container(docs)["resources"]
+    size = config.model.tensor_parallel_size
+    assert size == 4 and resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == size
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    shm = next(m for m in container(docs)["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    assert next(v for v in pod["volumes"] if v["name"] == shm["name"])["emptyDir"]["medium"] == "Memory"
 
 
 @ALL_VARIANTS

@@ -133,7 +133,7 @@ class RankGroup:
         if self._stopping:
             return
         self.lost = f"tensor-parallel rank {rank} (pid {process.pid}) exited with code {code}"
-        logger.error("%s; the engine core stops", self.lost)
+        logger.error("%s; the model cannot step any more", self.lost)
         self._kill_workers()
         if self.on_death == "exit":
             logging.shutdown()
