@@ -95,6 +95,31 @@ def test_seeded_sampling_follows_rank_0(single, split, prompts) -> None:
     assert split.generate(prompts[:3], params) == single.generate(prompts[:3], params)
 
 
+def forked(engine: LLMEngine, prompt: list[int]) -> list[list[int]]:
+    """n = 3 choices of one prompt: the children share the parent's prompt KV (its last block copied per child)."""
+    params = [SamplingParams(max_tokens=12, temperature=0.9, seed=i) for i in range(3)]
+    requests = [engine.add_request("fork-0", prompt, params[0])]
+    requests += [engine.add_request(f"fork-{i}", prompt, params[i], parent_id="fork-0") for i in (1, 2)]
+    while engine.has_unfinished_requests:
+        engine.step()
+    return [r.output_token_ids for r in requests]
+
+
+def test_forks_copy_blocks_on_every_rank(single, split, prompts, monkeypatch) -> None:
+    prompt = prompts[0][:-5]  # a partial last block: each child gets a copy of it
+    assert len(prompt) % OPTIONS["block_size"]
+    copies: list[tuple[int, int]] = []
+    execute = split.runner.execute
+
+    def counting_execute(step, previous=None):  # type: ignore[no-untyped-def]
+        copies.extend(step.block_copies)
+        return execute(step, previous)
+
+    monkeypatch.setattr(split.runner, "execute", counting_execute)
+    assert forked(split, prompt) == forked(single, prompt)
+    assert len(copies) == 2
+
+
 def test_each_rank_holds_half_of_the_weights_and_of_the_kv_cache(single, split) -> None:
     reports = split.core.rank_reports
     assert [r.rank for r in reports] == [0, 1]
