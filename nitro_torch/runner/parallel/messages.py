@@ -1,9 +1,11 @@
 """What rank 0 (the engine core's runner) tells the other ranks, as plain data: the step it is about to run, an
-embedding call, or stop. Every rank then runs the same forward, so the collectives inside it meet."""
+embedding call, or stop. Every rank then runs the same forward, so the collectives inside it meet. Each travels
+pickled in a length-prefixed frame over the worker's stdin."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import IO
 
 import torch
 
@@ -13,6 +15,23 @@ from nitro_torch.runner.kv_cache import GIB, KVCache
 from nitro_torch.runner.scheduler_output import SchedulerOutput
 
 MIB = 1 << 20
+_LENGTH = 8
+"""Bytes of a frame's length prefix."""
+
+
+def write_frame(stream: IO[bytes], data: bytes) -> None:
+    stream.write(len(data).to_bytes(_LENGTH, "little") + data)
+    stream.flush()
+
+
+def read_frame(stream: IO[bytes]) -> bytes | None:
+    """The next frame's bytes; None at the end of the stream (the writer is gone)."""
+    head = stream.read(_LENGTH)
+    if len(head) < _LENGTH:
+        return None
+    size = int.from_bytes(head, "little")
+    data = stream.read(size)
+    return data if len(data) == size else None
 
 
 @dataclass(frozen=True)

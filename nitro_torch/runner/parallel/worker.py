@@ -1,5 +1,6 @@
 """A tensor-parallel worker: rank 1..N-1 of a model split over N processes (`python -m
-nitro_torch.runner.parallel.worker`, started by group.start_ranks with its WorkerBootstrap on stdin).
+nitro_torch.runner.parallel.worker`, started by group.start_ranks; its stdin brings the WorkerBootstrap, then
+every message of rank 0).
 
 It loads its shard, builds its part of the KV cache and a ModelRunner without a sampler, then runs every step rank
 0 broadcasts: the same inputs, so the same forward, whose collectives meet rank 0's. Only rank 0 samples; the tokens
@@ -19,7 +20,14 @@ import torch
 import torch.distributed as dist
 
 from nitro_torch.runner.parallel.group import JOIN_TIMEOUT, RankGroup, announce_worker
-from nitro_torch.runner.parallel.messages import RunEmbed, RunStep, StopWorkers, WorkerBootstrap, rank_report
+from nitro_torch.runner.parallel.messages import (
+    RunEmbed,
+    RunStep,
+    StopWorkers,
+    WorkerBootstrap,
+    rank_report,
+    read_frame,
+)
 from nitro_torch.runner.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger("nitro_torch.runner")
@@ -28,7 +36,10 @@ _PR_SET_PDEATHSIG = 1
 
 
 def main() -> None:
-    bootstrap: WorkerBootstrap = pickle.load(sys.stdin.buffer)
+    data = read_frame(sys.stdin.buffer)
+    if data is None:
+        sys.exit(1)  # rank 0 went before it sent the bootstrap
+    bootstrap: WorkerBootstrap = pickle.loads(data)
     _die_with_parent(bootstrap.parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when the ranks stop
     logging.basicConfig(level=bootstrap.config.server.log_level.upper(),
@@ -51,7 +62,7 @@ def run_worker(bootstrap: WorkerBootstrap) -> None:
     store = dist.TCPStore(bootstrap.store_host, bootstrap.store_port, bootstrap.world_size, False,
                           timeout=JOIN_TIMEOUT)
     announce_worker(store, bootstrap.rank)
-    group = RankGroup(bootstrap.rank, bootstrap.world_size, bootstrap.backend)
+    group = RankGroup(bootstrap.rank, bootstrap.world_size, bootstrap.backend, inbox=sys.stdin.buffer)
     group.join(store, bootstrap.cpu_threads)
     set_attention_backend(config.runner.attention_backend)
     loaded = load_model(config.model, attn_implementation=register_paged_attention())
