@@ -23,7 +23,7 @@ from nitro_torch.models.hub_cache import hf_hub_cache_dir  # noqa: F401  (import
 from nitro_torch.models.hub_errors import ModelNotFoundError
 from nitro_torch.models.hub_names import hub_name_of
 from nitro_torch.models.quantization import activation_dtype, plan_quantization
-from nitro_torch.models.tensor_parallel import check_splittable, tensor_parallel_arguments
+from nitro_torch.models.tensor_parallel import tensor_parallel_arguments
 
 logger = logging.getLogger("nitro_torch.models")
 
@@ -140,7 +140,7 @@ def load_model(config: ModelConfig, attn_implementation: str | None = None) -> L
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
 
-    tensor_parallel = tensor_parallel_load(config, path)
+    tensor_parallel = tensor_parallel_load(config)
     if tensor_parallel and device.type == "cuda":
         device = torch.device("cuda", torch.distributed.get_rank())  # transformers binds rank r to GPU r
     quantization = plan_quantization(config, path, dtype, device)
@@ -182,13 +182,13 @@ def load_model(config: ModelConfig, attn_implementation: str | None = None) -> L
     )
 
 
-def tensor_parallel_load(config: ModelConfig, path: str) -> dict[str, object]:
-    """from_pretrained's tensor-parallel arguments for this process's rank ({} without tensor parallelism)."""
+def tensor_parallel_load(config: ModelConfig) -> dict[str, object]:
+    """from_pretrained's tensor-parallel arguments for this process's rank ({} without tensor parallelism). Rank 0
+    checked that the model splits (check_splittable) before the ranks started."""
     if config.tensor_parallel_size == 1:
         return {}
     if not torch.distributed.is_initialized():
         raise RuntimeError("a tensor-parallel model loads inside the ranks' process group (runner/parallel)")
-    check_splittable(path, config.tensor_parallel_size)
     return tensor_parallel_arguments(config.tensor_parallel_size, torch.distributed.get_rank())
 
 
