@@ -24,7 +24,7 @@ from nitro_torch.models.loader import LoadedModel, apply_chat_template_file
 from nitro_torch.runner.attention import set_attention_backend
 from nitro_torch.runner.guided import GuidedDecoder, logits_vocab_size
 from nitro_torch.runner.host_memory import reuse_large_allocations
-from nitro_torch.runner.kv_cache import GIB, KVLayout, attention_layer_devices
+from nitro_torch.runner.kv_cache import GIB
 from nitro_torch.runner.memory import build_kv_cache, describe_capacity
 from nitro_torch.runner.model_runner import LaunchedStep, ModelRunner
 from nitro_torch.runner.parallel.group import current_ranks
@@ -50,11 +50,8 @@ class EngineCore:
         """The tensor-parallel group, when this core's runner is rank 0 of several."""
         if config.model.tensor_parallel_size > 1 and self.ranks is None:
             raise RuntimeError("a tensor-parallel model needs its ranks started first (engine/loading.py)")
-        num_layers = KVLayout.from_model_config(loaded.model.config, 1, loaded.dtype).num_layers
-        layer_devices = attention_layer_devices(loaded.model, num_layers) \
-            if config.model.device_map == "auto" else None
         self.kv_cache = build_kv_cache(loaded.model, self.device, loaded.dtype, loaded.max_model_len, config,
-                                       layer_devices, self.ranks)
+                                       self.ranks)
         layout, num_blocks = self.kv_cache.layout, self.kv_cache.num_blocks
         self.max_model_len = min(loaded.max_model_len, self.kv_cache.capacity_tokens)
         if self.max_model_len < loaded.max_model_len:
@@ -348,9 +345,9 @@ class EngineCore:
             if not ids or len(ids) > self.max_model_len:
                 raise ValueError(f"embedding inputs need 1 to {self.max_model_len} tokens, not {len(ids)}")
         embedder = getattr(self, "_embedder", None)
-        if self.ranks is not None:  # every rank runs the same forwards (their collectives must meet)
-            self.ranks.broadcast(RunEmbed(token_id_lists))
         if embedder is None:
             embedder = self._embedder = Embedder(self.loaded.model, self.kv_cache, self.device,
                                                  self.config.scheduler.max_num_batched_tokens)
+        if self.ranks is not None:  # every rank runs the same forwards (their collectives must meet)
+            self.ranks.broadcast(RunEmbed(token_id_lists))
         return embedder.embed(token_id_lists).tolist()

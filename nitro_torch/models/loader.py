@@ -189,7 +189,7 @@ def tensor_parallel_load(config: ModelConfig) -> dict[str, object]:
         return {}
     if not torch.distributed.is_initialized():
         raise RuntimeError("a tensor-parallel model loads inside the ranks' process group (runner/parallel)")
-    return tensor_parallel_arguments(config.tensor_parallel_size, torch.distributed.get_rank())
+    return tensor_parallel_arguments(config.tensor_parallel_size)
 
 
 def _device_map(config: ModelConfig, device: torch.device, bitsandbytes: bool) -> str | dict[str, torch.device] | None:

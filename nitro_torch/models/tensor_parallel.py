@@ -4,7 +4,6 @@ be split. The process group must exist before loading (runner/parallel starts it
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
@@ -35,10 +34,9 @@ def has_tensor_parallel_plan(config: PretrainedConfig) -> bool:
     return bool(getattr(model_class, "_tp_plan", None))
 
 
-def tensor_parallel_arguments(size: int, rank: int) -> dict[str, object]:
-    """from_pretrained's arguments for rank `rank` of `size` (transformers >= 5.18 takes a DistributedConfig, 5.17 a
-    tp_plan); transformers binds the rank's GPU from LOCAL_RANK."""
-    os.environ.setdefault("LOCAL_RANK", str(rank))
+def tensor_parallel_arguments(size: int) -> dict[str, object]:
+    """from_pretrained's arguments for a shard of a model split over `size` ranks (transformers >= 5.18 takes a
+    DistributedConfig, 5.17 a tp_plan); transformers binds the rank's GPU from LOCAL_RANK, which RankGroup.join set."""
     try:
         from transformers.distributed import DistributedConfig
     except ImportError:

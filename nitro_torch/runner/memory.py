@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 from nitro_torch.config import Config
 from nitro_torch.runner.attention import AttentionMetadata, PrefillChunk, step_context
 from nitro_torch.runner.guided import logits_vocab_size
-from nitro_torch.runner.kv_cache import GIB, KVCache, KVLayout
+from nitro_torch.runner.kv_cache import GIB, KVCache, KVLayout, attention_layer_devices
 
 if TYPE_CHECKING:
     from nitro_torch.runner.parallel.group import RankGroup
@@ -110,11 +110,12 @@ def num_kv_blocks(model: PreTrainedModel, layout: KVLayout, layer_devices: list[
 
 
 def build_kv_cache(model: PreTrainedModel, device: torch.device, dtype: torch.dtype, max_model_len: int,
-                   config: Config, layer_devices: list[torch.device] | None = None,
-                   ranks: RankGroup | None = None) -> KVCache:
-    """The paged KV cache of this process's model (of its rank's KV heads; the ranks agree on the block count)."""
+                   config: Config, ranks: RankGroup | None = None) -> KVCache:
+    """The paged KV cache of this process's model: each layer's K/V where that layer lives (--device-map auto), of
+    its rank's KV heads under tensor parallelism (the ranks agree on the block count)."""
     num_ranks = ranks.world_size if ranks is not None else 1
     layout = KVLayout.from_model_config(model.config, config.cache.block_size, dtype, num_ranks)
+    layer_devices = attention_layer_devices(model, layout.num_layers) if config.model.device_map == "auto" else None
     blocks = num_kv_blocks(model, layout, layer_devices or [device] * layout.num_layers, config, max_model_len,
                            num_ranks)
     if ranks is not None:

@@ -113,11 +113,9 @@ class RankGroup:
     def _dead_worker(self, wait_s: float = 2.0) -> str | None:
         """What the watchdog saw, waiting a moment for it: a collective may fail a little before the exit is seen."""
         deadline = time.monotonic() + wait_s
-        while self.lost is None and self._workers and time.monotonic() < deadline:
-            if any(process.poll() is not None for process in self._workers):
-                time.sleep(0.05)  # the watchdog thread words it
-                continue
-            break
+        while (self.lost is None and time.monotonic() < deadline
+               and any(process.poll() is not None for process in self._workers)):
+            time.sleep(0.05)  # a worker has exited: its watchdog thread is wording it
         return self.lost
 
     # workers (rank 0) --------------------------------------------------------------------------------

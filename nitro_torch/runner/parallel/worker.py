@@ -85,7 +85,6 @@ def run_worker(bootstrap: WorkerBootstrap) -> None:
             if embedder is None:
                 embedder = Embedder(loaded.model, kv_cache, loaded.device, config.scheduler.max_num_batched_tokens)
             embedder.embed(message.token_id_lists)
-    group.connected = False  # rank 0 tears the group down; leaving quietly is enough here
     logger.debug("rank %d stops", group.rank)
 
 
