@@ -68,6 +68,7 @@ class SchedulerConfig:
     max_num_seqs: int = field(default=128, metadata={"help": "most requests running at once"})
     fair_share: bool = field(default=True, metadata={"help": "share each step's tokens and the waiting queue fairly between clients (by API key, else by client address), so that one heavy client cannot starve a light one; off: first come, first served"})
     fair_share_hold: float = field(default=2.0, metadata={"help": "seconds a client's fair share stays held after its last request ended, so that its next one (a chat turn, an agent's next call) does not wait behind a full step of a heavy client (0: none)"})
+    max_step_time: float | None = field(default=None, metadata={"help": "seconds one engine step may take, as predicted from the steps before it: decodes take turns and prompt chunks are cut to fit, so a request that arrives waits at most about this long for the step in flight (default: 0.25 on a CPU, where a step of many long sequences takes seconds; off on CUDA; 0: no limit)"})
 
 
 @dataclass
@@ -128,6 +129,8 @@ class Config:
             raise ConfigError("kv_cache_memory must be positive")
         if self.scheduler.max_num_seqs < 1 or self.scheduler.max_num_batched_tokens < 1:
             raise ConfigError("max_num_seqs and max_num_batched_tokens must be positive")
+        if (self.scheduler.max_step_time or 0) < 0:
+            raise ConfigError("max_step_time may not be negative")
         server = self.server
         if min(server.max_queued_requests, server.max_request_bytes, server.shutdown_timeout,
                server.request_timeout, server.header_timeout, server.body_timeout, server.keep_alive_timeout,

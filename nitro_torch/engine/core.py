@@ -19,6 +19,7 @@ from nitro_torch.engine.messages import CoreOutput, EngineCoreRequest, EngineInf
 from nitro_torch.engine.outputs import FinishReason
 from nitro_torch.engine.request import Request
 from nitro_torch.engine.scheduler import Scheduler, StepPlan
+from nitro_torch.engine.step_time import max_step_time_s
 from nitro_torch.models.embedded import nitro_cache_dir
 from nitro_torch.models.loader import LoadedModel, apply_chat_template_file
 from nitro_torch.runner.attention import set_attention_backend
@@ -60,7 +61,8 @@ class EngineCore:
         self.block_manager = BlockManager(num_blocks, layout.block_size, config.cache.prefix_caching)
         self.scheduler = Scheduler(self.block_manager, sched.max_num_batched_tokens, sched.max_num_seqs,
                                    fair_share=sched.fair_share, flat_batch_cost=self.device.type == "cuda",
-                                   fair_share_hold_s=sched.fair_share_hold)
+                                   fair_share_hold_s=sched.fair_share_hold,
+                                   max_step_time_s=max_step_time_s(sched.max_step_time, self.device.type))
         self.sampler = Sampler(self.device)
         self.guided = GuidedDecoder(self.tokenizer, logits_vocab_size(loaded.model), loaded.eos_token_ids,
                                     self.device)
@@ -68,8 +70,8 @@ class EngineCore:
                                   self.ranks)
         self.rank_reports = self.ranks.gather(rank_report(0, loaded.model, self.kv_cache)) if self.ranks else []
         self.requests: dict[str, Request] = {}
-        self._in_flight: tuple[StepPlan, LaunchedStep] | None = None
-        """Asynchronous scheduling: the launched step whose tokens are not collected yet."""
+        self._in_flight: tuple[StepPlan, LaunchedStep, float] | None = None
+        """Asynchronous scheduling: the launched step whose tokens are not collected yet, and its launch's seconds."""
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB) = %s", num_blocks, layout.block_size,
                     num_blocks * layout.bytes_per_block / GIB,
                     describe_capacity(num_blocks, layout.block_size, self.max_model_len, sched.max_num_seqs))
@@ -190,12 +192,14 @@ class EngineCore:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
+        started = time.perf_counter()
         try:
             result = self.runner.execute_and_sample(plan.for_runner)
         except torch.OutOfMemoryError:
             if not self._back_off_after_oom():
                 raise
             return []  # nothing of the step was kept (no request advanced): it runs again, smaller
+        self.scheduler.observe_step(plan, time.perf_counter() - started)
         return self._outputs(plan, result, assumed=False)
 
     def _step_overlapped(self) -> list[CoreOutput]:
@@ -213,6 +217,7 @@ class EngineCore:
             outputs += self._collect(previous)
             previous = None
         self.scheduler.assume_progress(plan)
+        started = time.perf_counter()
         try:
             launched = self.runner.launch(plan.for_runner, overlap, previous[1] if previous is not None else None)
         except torch.OutOfMemoryError:
@@ -222,17 +227,23 @@ class EngineCore:
             if not self._back_off_after_oom():
                 raise
             return outputs
+        launch_s = time.perf_counter() - started
         if previous is not None:
             outputs += self._collect(previous)
         if launched.output is None:
-            self._in_flight = (plan, launched)
+            self._in_flight = (plan, launched, launch_s)
         else:
+            self.scheduler.observe_step(plan, launch_s)
             outputs += self._outputs(plan, launched.output, assumed=True)
         return outputs
 
-    def _collect(self, in_flight: tuple[StepPlan, LaunchedStep]) -> list[CoreOutput]:
-        plan, launched = in_flight
-        return self._outputs(plan, self.runner.collect(launched), assumed=True)
+    def _collect(self, in_flight: tuple[StepPlan, LaunchedStep, float]) -> list[CoreOutput]:
+        """A step's time is its launch (the whole forward on a CPU) plus the wait for its tokens (a GPU's rest)."""
+        plan, launched, launch_s = in_flight
+        started = time.perf_counter()
+        result = self.runner.collect(launched)
+        self.scheduler.observe_step(plan, launch_s + time.perf_counter() - started)
+        return self._outputs(plan, result, assumed=True)
 
     @staticmethod
     def _can_overlap(plan: StepPlan) -> bool:

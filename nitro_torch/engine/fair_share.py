@@ -33,7 +33,7 @@ from typing import Protocol, TypeVar
 
 class ClientRequest(Protocol):
     client: str
-    last_scheduled_step: int
+    last_served: int
 
     @property
     def num_tokens_with_pending(self) -> int: ...
@@ -128,7 +128,7 @@ class StepShares:
         per_client: dict[str, list[R]] = {}
         for request in running:
             per_client.setdefault(request.client, []).append(request)
-        queues = [sorted(requests, key=lambda r: (tokens_wanted(r) > 1, r.last_scheduled_step))
+        queues = [sorted(requests, key=lambda r: (tokens_wanted(r) > 1, r.last_served))
                   for requests in per_client.values()]
         return [r for turn in zip_longest(*queues) for r in turn if r is not None]
 

@@ -47,8 +47,8 @@ class Request:
     """How many of its blocks the runner knows; None while the runner does not hold the request."""
     client: str = ""
     """Who sent it (API key or address, as the server tells): the scheduler shares steps fairly between clients."""
-    last_scheduled_step: int = -1
-    """The scheduler's step count when it last ran (for taking turns within a client)."""
+    last_served: int = -1
+    """The scheduler's count of requests served when this one last ran: requests take turns, lowest first."""
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

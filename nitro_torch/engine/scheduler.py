@@ -11,6 +11,9 @@ it is scheduled (again after a preemption), then only the blocks it gained; requ
 With `fair_share`, while several clients have work, each step is shared between them (engine/fair_share.py): no
 client gets more of a step than the busiest other client asks for.
 
+With `max_step_time_s`, a step is filled only as far as it is predicted to run within that time (engine/step_time.py):
+decodes take turns and prefill chunks are cut, so a request that arrives never waits long for the step in flight.
+
 Choices 2..n of one prompt are forks: they wait until choice 1 (their parent) has computed the prompt,
 then share its KV blocks and compute only the last prompt token themselves, so the prompt is prefilled once.
 """
@@ -22,9 +25,10 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from nitro_torch.engine.block_manager import BlockManager, PrefixHit
-from nitro_torch.engine.fair_share import ClientTracker, StepShares
+from nitro_torch.engine.fair_share import ClientTracker, StepShares, tokens_wanted
 from nitro_torch.engine.outputs import FinishReason
 from nitro_torch.engine.request import Request, RequestStatus
+from nitro_torch.engine.step_time import MIN_PREFILL_TOKENS, StepLoad, StepTimeLimit, StepTimeModel
 from nitro_torch.runner.scheduler_output import NewRequest, SchedulerOutput
 
 
@@ -53,6 +57,12 @@ class StepPlan:
     def num_tokens(self) -> int:
         return sum(s.num_tokens for s in self.scheduled)
 
+    def load(self) -> StepLoad:
+        load = StepLoad()
+        for item in self.scheduled:
+            load.add(item.start_position, item.num_tokens)
+        return load
+
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
@@ -66,7 +76,8 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int,
-                 fair_share: bool = False, flat_batch_cost: bool = False, fair_share_hold_s: float = 0.0) -> None:
+                 fair_share: bool = False, flat_batch_cost: bool = False, fair_share_hold_s: float = 0.0,
+                 max_step_time_s: float = 0.0) -> None:
         self.block_manager = block_manager
         self.fair_share = fair_share
         self.flat_batch_cost = flat_batch_cost
@@ -75,6 +86,10 @@ class Scheduler:
         self.clients = ClientTracker(fair_share_hold_s)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
+        self.max_step_time_s = max_step_time_s
+        self._num_served = 0
+        self.step_time = StepTimeModel()
+        """Learns how long steps take from `observe_step`; with `max_step_time_s` it bounds each step."""
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.forks_waiting: dict[str, list[Request]] = {}
@@ -135,8 +150,9 @@ class Scheduler:
         plan = StepPlan()
         budget = self.max_num_batched_tokens
         shares = self._step_shares()
-        if shares is None:
-            order = sorted(self.running, key=lambda r: r.num_tokens_with_pending - r.num_computed_tokens > 1)
+        limit = self._step_time_limit()
+        if shares is None:  # decodes first, each group least recently served first
+            order = sorted(self.running, key=lambda r: (tokens_wanted(r) > 1, r.last_served))
         else:
             order = shares.running_order(self.running)
         for request in order:
@@ -151,18 +167,24 @@ class Scheduler:
                 num_new = shares.grant(request.client, num_new)
                 if num_new == 0:
                     continue  # the client has had its share of this step
+            if limit is not None:
+                num_new = limit.grant(request.num_computed_tokens, num_new)
+                if num_new == 0:
+                    continue  # it takes its turn in a later step
             if not self._make_room(request, num_new, plan, shares):
                 continue
             plan.scheduled.append(ScheduledRequest(request, num_new, request.num_computed_tokens))
+            if limit is not None:
+                limit.take(request.num_computed_tokens, num_new)
             if shares is not None:
                 shares.take(request.client, num_new)
-                request.last_scheduled_step = self.stats.num_steps
+            request.last_served = self._serve_ticket()
             budget -= num_new
         if not plan.preempted:
             if shares is None:
-                budget = self._admit_waiting(plan, budget)
+                budget = self._admit_waiting(plan, budget, limit)
             else:
-                budget = self._admit_waiting_fairly(plan, budget, shares)
+                budget = self._admit_waiting_fairly(plan, budget, shares, limit)
         if plan.scheduled:  # the runner runs no empty step: copies and leavers wait for the next one
             plan.block_copies, self.block_manager.pending_copies = self.block_manager.pending_copies, []
             plan.for_runner = self._runner_view(plan)
@@ -204,6 +226,20 @@ class Scheduler:
         return StepShares.of(self.running, self.waiting, budget, max(1, min_seqs),
                              max(self.block_manager.block_size, min_tokens))
 
+    def _serve_ticket(self) -> int:
+        self._num_served += 1
+        return self._num_served
+
+    def _step_time_limit(self) -> StepTimeLimit | None:
+        """This step's time budget, once the model has seen enough steps to predict one."""
+        if self.max_step_time_s <= 0 or not self.step_time.ready:
+            return None
+        return StepTimeLimit(self.step_time, self.max_step_time_s, MIN_PREFILL_TOKENS)
+
+    def observe_step(self, plan: StepPlan, seconds: float) -> None:
+        """How long the plan's forward and sampling took: the step time model learns from it."""
+        self.step_time.observe(plan.load(), seconds)
+
     def _make_room(self, request: Request, num_new: int, plan: StepPlan, shares: StepShares | None = None) -> bool:
         """Allocate blocks for `request`, preempting newer requests if needed; False if it was preempted itself.
         Under fair shares the victim is the newest request of the client with the most running."""
@@ -218,19 +254,24 @@ class Scheduler:
         self.block_manager.allocate(request, num_new)
         return True
 
-    def _admit_waiting(self, plan: StepPlan, budget: int) -> int:
+    def _admit_waiting(self, plan: StepPlan, budget: int, limit: StepTimeLimit | None) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             hit = self.block_manager.find_prefix_hit(request)
             num_new = min(request.num_tokens - hit.num_tokens, budget)
+            if limit is not None:
+                num_new = limit.grant(hit.num_tokens, num_new)
+                if num_new == 0:
+                    break
             if not self.block_manager.can_allocate(request, num_new, hit):
                 break
             self.waiting.popleft()
-            self._start_running(request, num_new, hit, plan)
+            self._start_running(request, num_new, hit, plan, limit)
             budget -= num_new
         return budget
 
-    def _start_running(self, request: Request, num_new: int, hit: PrefixHit, plan: StepPlan) -> None:
+    def _start_running(self, request: Request, num_new: int, hit: PrefixHit, plan: StepPlan,
+                       limit: StepTimeLimit | None) -> None:
         self.block_manager.record_prefix_lookup(request, hit)
         self.block_manager.allocate(request, num_new, hit)
         request.status = RequestStatus.RUNNING
@@ -238,8 +279,12 @@ class Scheduler:
             request.first_scheduled_time = time.monotonic()
         self.running.append(request)
         plan.scheduled.append(ScheduledRequest(request, num_new, request.num_computed_tokens))
+        request.last_served = self._serve_ticket()
+        if limit is not None:
+            limit.take(request.num_computed_tokens, num_new)
 
-    def _admit_waiting_fairly(self, plan: StepPlan, budget: int, shares: StepShares) -> int:
+    def _admit_waiting_fairly(self, plan: StepPlan, budget: int, shares: StepShares,
+                              limit: StepTimeLimit | None) -> int:
         """`_admit_waiting` under fair shares: clients with the fewest running requests first, each within its
         share; when every sequence slot is taken, a client with at least two more running gives up its newest."""
         for request in shares.waiting_order(self.waiting):
@@ -247,6 +292,8 @@ class Scheduler:
                 break
             hit = self.block_manager.find_prefix_hit(request)
             num_new = shares.grant(request.client, min(request.num_tokens - hit.num_tokens, budget))
+            if num_new and limit is not None:
+                num_new = limit.grant(hit.num_tokens, num_new)
             if num_new == 0:
                 continue
             if len(self.running) >= self.max_num_seqs and not self._yield_slot(request.client, plan):
@@ -254,10 +301,9 @@ class Scheduler:
             if not self.block_manager.can_allocate(request, num_new, hit):
                 break
             self.waiting.remove(request)
-            self._start_running(request, num_new, hit, plan)
+            self._start_running(request, num_new, hit, plan, limit)
             shares.take(request.client, num_new)
             shares.running[request.client] += 1
-            request.last_scheduled_step = self.stats.num_steps
             budget -= num_new
         return budget
 

@@ -153,3 +153,26 @@ def test_the_runner_holds_only_live_requests_after_a_run(tiny_model_dir: str, as
     engine.add_request("after", PROMPTS["r0"], SamplingParams(temperature=0, max_tokens=2))
     engine.step()
     assert set(engine.runner.requests) == {"after"}
+
+
+def test_a_step_time_limit_keeps_the_synchronous_tokens(tiny_model_dir: str) -> None:
+    """--max-step-time far below any step: once the engine has timed a few steps, each runs one decode (they take
+    turns) and at most one prompt chunk; in step or overlapped, every request still gets the tokens of unlimited
+    steps."""
+    expected = run(make_engine(tiny_model_dir, async_scheduling=False, max_step_time=0))
+    for async_scheduling in (False, True):
+        engine = make_engine(tiny_model_dir, async_scheduling=async_scheduling, max_step_time=1e-9)
+        sizes = []
+        schedule = engine.scheduler.schedule
+
+        def counting_schedule():  # noqa: ANN202
+            plan = schedule()
+            sizes.append((sum(item.num_tokens == 1 for item in plan.scheduled),
+                          sum(item.num_tokens > 1 for item in plan.scheduled)))
+            return plan
+
+        engine.scheduler.schedule = counting_schedule  # type: ignore[method-assign]
+        assert run(engine) == expected
+        assert engine.scheduler.step_time.ready
+        assert all(decodes <= 1 and prompts <= 1 for decodes, prompts in sizes[10:]), sizes
+        assert sum(decodes for decodes, _ in sizes[10:]) > 50

@@ -1,0 +1,206 @@
+"""How long an engine step will take, learned from the steps before it, and a time limit per step. No tensors.
+
+A forward cannot be interrupted, so a request that arrives waits for the step in flight. On a CPU a decode step
+of 64 sequences at 3,000-token contexts takes over a second (each sequence reads its whole KV cache), so a chat
+that arrives then waits that long before its own prefill can start. The scheduler therefore fills a step only up to
+`--max-step-time`, as predicted here: decodes take turns (least recently served first) and prompt chunks are cut.
+That costs little: a long-context step's time is almost all per-sequence work, so eight steps of 8 sequences do
+about what one step of 64 does (measured on the 2-core CPU: 45.7 vs 46.5 tokens/s).
+
+The prediction is a least-squares fit of a step's wall time on what it computes: a fixed cost, another fixed cost
+when it holds a prompt chunk (prompt steps run another forward path), tokens computed, KV tokens read, and
+query-key pairs of attention; coefficients are kept non-negative. The steps it learns from are kept by kind (prompt
+or not, and the binary order of magnitude of tokens and of KV read), the last `PER_KIND` of each: a regime that
+lasts (a light client holding a heavy one to a single sequence for seconds) then does not wash out what bigger steps
+cost, and a one-off stall (a first forward, the machine's other work) is gone once its kind runs a few times more.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+CPU_MAX_STEP_TIME_S = 0.25
+"""--max-step-time's default on a CPU: a step of decodes stays within about a short chat's own time there."""
+MIN_PREFILL_TOKENS = 256
+"""A prompt chunk is not cut below this (on the 2-core CPU, 256 tokens take about 0.8 s, within a few percent of the
+best chunk's speed; 64-token chunks made a 2,400-token prompt's first token about a third slower)."""
+PER_KIND = 4
+MAX_KINDS = 64
+REBUILD_EVERY = 4096
+MIN_OBSERVATIONS = 6
+"""Steps seen before the limit applies: until then a step is filled as if there were none."""
+_SCALES = (1.0, 1.0, 1e-2, 1e-4, 1e-6)
+"""Features scaled to similar magnitudes, so that the normal equations stay well conditioned."""
+_RIDGE = 1e-9
+_SIZE = len(_SCALES)
+
+
+def max_step_time_s(configured: float | None, device_type: str) -> float:
+    """--max-step-time, or its default for the device: off where a step of many sequences costs little more than
+    one (a GPU decodes 64 long sequences in tens of milliseconds)."""
+    if configured is not None:
+        return configured
+    return CPU_MAX_STEP_TIME_S if device_type == "cpu" else 0.0
+
+
+@dataclass
+class StepLoad:
+    """What one step computes, summed over its scheduled requests."""
+
+    num_tokens: int = 0
+    kv_tokens: int = 0
+    """KV entries attention reads: every scheduled request's context up to its last computed token."""
+    attention_pairs: int = 0
+    """Query-key pairs of attention (a decode row reads its context once; a prefill chunk's rows each read theirs)."""
+    has_prefill: bool = False
+
+    def add(self, start: int, num_tokens: int) -> None:
+        self.num_tokens += num_tokens
+        self.kv_tokens += start + num_tokens
+        self.attention_pairs += num_tokens * start + num_tokens * (num_tokens + 1) // 2
+        self.has_prefill = self.has_prefill or num_tokens > 1
+
+    def plus(self, start: int, num_tokens: int) -> StepLoad:
+        load = StepLoad(self.num_tokens, self.kv_tokens, self.attention_pairs, self.has_prefill)
+        load.add(start, num_tokens)
+        return load
+
+    def features(self) -> tuple[float, ...]:
+        raw = (1.0, float(self.has_prefill), self.num_tokens, self.kv_tokens, self.attention_pairs)
+        return tuple(value * scale for value, scale in zip(raw, _SCALES))
+
+
+class StepTimeModel:
+    """Seconds per step as a non-negative linear function of `StepLoad.features`, refit as steps are observed.
+
+    The normal equations' sums are kept up to date as observations come and go, so a fit is a 5x5 solve."""
+
+    def __init__(self) -> None:
+        self._kinds: OrderedDict[tuple[bool, int, int], deque[tuple[tuple[float, ...], float]]] = OrderedDict()
+        self._observed = 0
+        self._gram = [[0.0] * _SIZE for _ in range(_SIZE)]
+        self._moments = [0.0] * _SIZE
+        self._coefficients: list[float] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._observed >= MIN_OBSERVATIONS
+
+    def observe(self, load: StepLoad, seconds: float) -> None:
+        if load.num_tokens <= 0 or seconds < 0:
+            return
+        kind = (load.has_prefill, load.num_tokens.bit_length(), (load.kv_tokens >> 8).bit_length())
+        kept = self._kinds.get(kind)
+        if kept is None:
+            if len(self._kinds) >= MAX_KINDS:
+                for old in self._kinds.popitem(last=False)[1]:
+                    self._account(old, -1.0)
+            kept = self._kinds[kind] = deque()
+        self._kinds.move_to_end(kind)
+        if len(kept) == PER_KIND:
+            self._account(kept.popleft(), -1.0)
+        observation = (load.features(), seconds)
+        kept.append(observation)
+        self._account(observation, 1.0)
+        self._observed += 1
+        if self._observed % REBUILD_EVERY == 0:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """The sums afresh from what is kept (subtracting what left them accumulates rounding)."""
+        self._gram = [[0.0] * _SIZE for _ in range(_SIZE)]
+        self._moments = [0.0] * _SIZE
+        for kept in self._kinds.values():
+            for observation in kept:
+                self._account(observation, 1.0)
+
+    def _account(self, observation: tuple[tuple[float, ...], float], sign: float) -> None:
+        features, seconds = observation
+        for a in range(_SIZE):
+            self._moments[a] += sign * features[a] * seconds
+            for b in range(_SIZE):
+                self._gram[a][b] += sign * features[a] * features[b]
+        self._coefficients = None
+
+    def predict(self, load: StepLoad) -> float:
+        if self._coefficients is None:
+            self._coefficients = self._fit()
+        return sum(c * x for c, x in zip(self._coefficients, load.features()))
+
+    def _fit(self) -> list[float]:
+        """Least squares with an active set: a feature whose coefficient comes out negative is dropped and the
+        rest refit, until all are non-negative."""
+        active = list(range(_SIZE))
+        coefficients = [0.0] * _SIZE
+        while active:
+            matrix = [[self._gram[a][b] + (_RIDGE if a == b else 0.0) for b in active] for a in active]
+            solution = _solve(matrix, [self._moments[a] for a in active])
+            worst = min(range(len(active)), key=lambda i: solution[i])
+            if solution[worst] >= 0:
+                for i, value in zip(active, solution):
+                    coefficients[i] = value
+                break
+            del active[worst]
+        return coefficients
+
+
+def _solve(matrix: list[list[float]], vector: list[float]) -> list[float]:
+    """Gaussian elimination with partial pivoting; a singular direction gets 0."""
+    n = len(vector)
+    rows = [matrix[i][:] + [vector[i]] for i in range(n)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(rows[r][col]))
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        if abs(rows[col][col]) < 1e-15:
+            continue
+        for r in range(n):
+            if r != col and rows[r][col]:
+                factor = rows[r][col] / rows[col][col]
+                rows[r] = [a - factor * b for a, b in zip(rows[r], rows[col])]
+    return [rows[i][n] / rows[i][i] if abs(rows[i][i]) >= 1e-15 else 0.0 for i in range(n)]
+
+
+class StepTimeLimit:
+    """One step's time budget while the scheduler fills it: how much of a request's work still fits.
+
+    The step's first request always gets its tokens, and the first prompt chunk of a step at least
+    `min_prefill_tokens` of them (the rest of its prompt, if less): so decodes cannot starve a prompt, and a long
+    prompt is not cut into chunks so small that per-step costs (a forward's fixed work, re-reading the cached KV of
+    the prompt so far) slow its first token down more than the limit helps anyone. A step holding such a chunk may
+    therefore run longer than the limit; one of decodes alone does not (as far as the prediction goes)."""
+
+    def __init__(self, model: StepTimeModel, limit_s: float, min_prefill_tokens: int) -> None:
+        self.model = model
+        self.limit_s = limit_s
+        self.min_prefill_tokens = min_prefill_tokens
+        self.load = StepLoad()
+
+    def grant(self, start: int, wanted: int) -> int:
+        """How many of `wanted` tokens (from position `start`) may run in this step: all, a prompt chunk cut to
+        fit, or 0 (the request takes its turn in a later step)."""
+        if self._fits(start, wanted):
+            return wanted
+        if wanted == 1:
+            return 0 if self.load.num_tokens else 1
+        floor = min(wanted, self.min_prefill_tokens)
+        chunk = self._largest_fit(start, wanted)
+        if chunk >= floor:
+            return chunk
+        return 0 if self.load.has_prefill else floor
+
+    def take(self, start: int, num_tokens: int) -> None:
+        self.load.add(start, num_tokens)
+
+    def _fits(self, start: int, num_tokens: int) -> bool:
+        return self.model.predict(self.load.plus(start, num_tokens)) <= self.limit_s
+
+    def _largest_fit(self, start: int, wanted: int) -> int:
+        low, high = 0, wanted  # fits(low) or low == 0; not fits(high)
+        while high - low > 1:
+            middle = (low + high) // 2
+            if self._fits(start, middle):
+                low = middle
+            else:
+                high = middle
+        return low

@@ -1,0 +1,184 @@
+"""The step time model and --max-step-time in the scheduler: tensor-free, with step times from a known cost."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from nitro_torch.engine.block_manager import BlockManager
+from nitro_torch.engine.scheduler import Scheduler, StepPlan
+from nitro_torch.engine.step_time import (
+    CPU_MAX_STEP_TIME_S,
+    MIN_OBSERVATIONS,
+    MIN_PREFILL_TOKENS,
+    PER_KIND,
+    StepLoad,
+    StepTimeLimit,
+    StepTimeModel,
+    max_step_time_s,
+)
+from tests.engine.test_scheduler import BS, check_invariants, check_plan, make_request
+
+
+def cpu_like_cost(load: StepLoad) -> float:
+    """A 2-core CPU's shape: a fixed cost, more for a prompt chunk, per token, and per KV token read."""
+    return 0.018 + 0.05 * load.has_prefill + 0.0025 * load.num_tokens + 8e-6 * load.kv_tokens
+
+
+def load_of(*items: tuple[int, int]) -> StepLoad:
+    load = StepLoad()
+    for start, num_tokens in items:
+        load.add(start, num_tokens)
+    return load
+
+
+def decodes(count: int, context: int) -> StepLoad:
+    return load_of(*[(context, 1)] * count)
+
+
+def trained_model(cost=cpu_like_cost) -> StepTimeModel:
+    model = StepTimeModel()
+    for load in [decodes(1, 100), decodes(8, 2000), decodes(64, 3000), load_of((0, 256)), load_of((512, 256)),
+                 decodes(16, 500), load_of((0, 31), (3000, 1)), decodes(1, 3000)]:
+        model.observe(load, cost(load))
+    return model
+
+
+def test_the_model_learns_a_linear_cost_from_varied_steps() -> None:
+    model = trained_model()
+    for load in [decodes(10, 2500), decodes(3, 40), load_of((1000, 300)), load_of((0, 16), *[(2400, 1)] * 5)]:
+        assert model.predict(load) == pytest.approx(cpu_like_cost(load), rel=1e-3)
+
+
+def test_the_model_is_not_ready_before_it_has_seen_a_few_steps() -> None:
+    model = StepTimeModel()
+    for _ in range(MIN_OBSERVATIONS - 1):
+        model.observe(decodes(4, 100), 0.05)
+        assert not model.ready
+    model.observe(decodes(4, 100), 0.05)
+    assert model.ready
+    model.observe(StepLoad(), 1.0)  # an empty step teaches nothing
+    assert model.predict(decodes(4, 100)) == pytest.approx(0.05, rel=1e-3)
+
+
+def test_a_one_off_stall_is_forgotten_once_its_kind_of_step_runs_again() -> None:
+    model = trained_model()
+    stall = decodes(8, 2000)
+    model.observe(stall, 5.0)  # a first forward, the machine's other work
+    assert model.predict(stall) > 2 * cpu_like_cost(stall)
+    for _ in range(PER_KIND):
+        model.observe(stall, cpu_like_cost(stall))
+    assert model.predict(stall) == pytest.approx(cpu_like_cost(stall), rel=1e-3)
+
+
+def test_a_long_run_of_small_steps_does_not_wash_out_what_big_steps_cost() -> None:
+    """A light client holds a heavy one to one sequence for seconds: the 64-sequence cost must survive it."""
+    model = trained_model()
+    for _ in range(500):
+        model.observe(decodes(1, 3000), cpu_like_cost(decodes(1, 3000)) * 1.2)  # and a noisier machine
+    assert model.predict(decodes(64, 3000)) == pytest.approx(cpu_like_cost(decodes(64, 3000)), rel=0.1)
+
+
+def test_coefficients_stay_non_negative() -> None:
+    model = StepTimeModel()
+    for tokens in range(1, 9):  # nonsense: bigger steps faster
+        model.observe(decodes(tokens, 100), 0.1 - 0.005 * tokens)
+    assert all(model.predict(decodes(n, c)) >= 0 for n in (1, 64, 1000) for c in (1, 10_000))
+
+
+def test_the_default_is_a_quarter_second_on_a_cpu_and_off_on_cuda() -> None:
+    assert max_step_time_s(None, "cpu") == CPU_MAX_STEP_TIME_S == 0.25
+    assert max_step_time_s(None, "cuda") == 0.0
+    assert max_step_time_s(0.1, "cuda") == 0.1 and max_step_time_s(0.0, "cpu") == 0.0
+
+
+def test_the_limit_takes_decodes_until_the_step_is_full() -> None:
+    limit = StepTimeLimit(trained_model(), 0.25, MIN_PREFILL_TOKENS)
+    granted = 0
+    while limit.grant(3000, 1):
+        limit.take(3000, 1)
+        granted += 1
+    assert cpu_like_cost(decodes(granted, 3000)) <= 0.25 < cpu_like_cost(decodes(granted + 1, 3000))
+
+
+def test_the_first_request_of_a_step_always_runs() -> None:
+    limit = StepTimeLimit(trained_model(), 0.001, MIN_PREFILL_TOKENS)
+    assert limit.grant(3000, 1) == 1
+    limit.take(3000, 1)
+    assert limit.grant(3000, 1) == 0
+
+
+def test_a_prompt_chunk_is_cut_to_fit_but_not_below_the_floor() -> None:
+    model = trained_model()
+    limit = StepTimeLimit(model, 2.0, MIN_PREFILL_TOKENS)
+    chunk = limit.grant(0, 2000)
+    assert MIN_PREFILL_TOKENS < chunk < 2000
+    assert cpu_like_cost(load_of((0, chunk))) <= 2.0 < cpu_like_cost(load_of((0, chunk + 1)))
+    tight = StepTimeLimit(model, 0.25, MIN_PREFILL_TOKENS)
+    assert tight.grant(0, 2000) == MIN_PREFILL_TOKENS  # the first prompt chunk of a step gets the floor
+    assert tight.grant(0, 100) == 100  # a short prompt whole
+    tight.take(0, MIN_PREFILL_TOKENS)
+    assert tight.grant(0, 2000) == 0  # a second one waits for a later step
+
+
+def test_decodes_cannot_keep_a_prompt_out_of_the_step() -> None:
+    limit = StepTimeLimit(trained_model(), 0.25, MIN_PREFILL_TOKENS)
+    while limit.grant(3000, 1):
+        limit.take(3000, 1)
+    assert limit.grant(0, 31) == 31  # a light client's chat joins the full step
+
+
+# --- in the scheduler ---------------------------------------------------------------------------------------------
+
+
+def timed_step(sched: Scheduler, cost=cpu_like_cost) -> StepPlan:
+    """One engine step whose forward takes `cost(load)` seconds; every sampling request draws token 7."""
+    plan = sched.schedule()
+    check_plan(sched, plan)
+    sched.update(plan, {s.request.request_id: 7 for s in plan.scheduled if s.samples})
+    if plan.scheduled:
+        sched.observe_step(plan, cost(plan.load()))
+    check_invariants(sched)
+    return plan
+
+
+def long_context_scheduler(limit_s: float, count: int = 32, context: int = 400) -> Scheduler:
+    sched = Scheduler(BlockManager(8192, BS, True), 2048, 64, max_step_time_s=limit_s)
+    for i in range(count):
+        sched.add(make_request(f"r{i}", [100 + i] * context, max_tokens=200, ignore_eos=True))
+    while any(r.num_computed_tokens < context for r in sched.running) or sched.waiting:
+        timed_step(sched)
+    assert len(sched.running) == count and sched.stats.num_preemptions == 0
+    return sched
+
+
+def test_without_a_limit_every_decode_runs_in_every_step() -> None:
+    sched = long_context_scheduler(0.0)
+    for _ in range(3):
+        assert len(timed_step(sched).scheduled) == 32
+
+
+def test_with_a_limit_decodes_take_turns_in_steps_that_fit() -> None:
+    sched = long_context_scheduler(0.1)
+    served: Counter[str] = Counter()
+    sizes = []
+    for _ in range(40):
+        plan = timed_step(sched)
+        sizes.append(len(plan.scheduled))
+        served.update(item.request.request_id for item in plan.scheduled)
+        assert cpu_like_cost(plan.load()) <= 0.1
+    assert 1 < min(sizes) and max(sizes) < 32
+    assert max(served.values()) - min(served.values()) <= 1  # each in turn, least recently served first
+
+
+def test_a_new_request_joins_a_step_full_of_decodes_and_its_prompt_is_chunked_at_the_floor() -> None:
+    sched = long_context_scheduler(0.1)
+    newcomer = make_request("new", [5] * 1000, max_tokens=4, ignore_eos=True)
+    sched.add(newcomer)
+    chunks = []
+    while newcomer.num_computed_tokens < 1000:
+        plan = timed_step(sched)
+        chunks += [item.num_tokens for item in plan.scheduled if item.request is newcomer]
+        assert any(item.request is not newcomer for item in plan.scheduled)  # the decodes go on
+    assert chunks == [MIN_PREFILL_TOKENS] * 3 + [1000 - 3 * MIN_PREFILL_TOKENS]
