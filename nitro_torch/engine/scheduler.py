@@ -151,7 +151,9 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         shares = self._step_shares()
         limit = self._step_time_limit()
-        if shares is None:  # decodes first, each group least recently served first
+        if shares is None and limit is None:  # decodes first
+            order = sorted(self.running, key=lambda r: tokens_wanted(r) > 1)
+        elif shares is None:  # decodes first; as not all may fit, each least recently served first
             order = sorted(self.running, key=lambda r: (tokens_wanted(r) > 1, r.last_served))
         else:
             order = shares.running_order(self.running)
@@ -260,7 +262,7 @@ class Scheduler:
             hit = self.block_manager.find_prefix_hit(request)
             num_new = min(request.num_tokens - hit.num_tokens, budget)
             if limit is not None:
-                num_new = limit.grant(hit.num_tokens, num_new)
+                num_new = limit.grant(hit.num_tokens, num_new, joining=True)
                 if num_new == 0:
                     break
             if not self.block_manager.can_allocate(request, num_new, hit):
@@ -281,7 +283,7 @@ class Scheduler:
         plan.scheduled.append(ScheduledRequest(request, num_new, request.num_computed_tokens))
         request.last_served = self._serve_ticket()
         if limit is not None:
-            limit.take(request.num_computed_tokens, num_new)
+            limit.take(request.num_computed_tokens, num_new, joining=True)
 
     def _admit_waiting_fairly(self, plan: StepPlan, budget: int, shares: StepShares,
                               limit: StepTimeLimit | None) -> int:
@@ -293,7 +295,7 @@ class Scheduler:
             hit = self.block_manager.find_prefix_hit(request)
             num_new = shares.grant(request.client, min(request.num_tokens - hit.num_tokens, budget))
             if num_new and limit is not None:
-                num_new = limit.grant(hit.num_tokens, num_new)
+                num_new = limit.grant(hit.num_tokens, num_new, joining=True)
             if num_new == 0:
                 continue
             if len(self.running) >= self.max_num_seqs and not self._yield_slot(request.client, plan):

@@ -5,7 +5,8 @@ of 64 sequences at 3,000-token contexts takes over a second (each sequence reads
 that arrives then waits that long before its own prefill can start. The scheduler therefore fills a step only up to
 `--max-step-time`, as predicted here: decodes take turns (least recently served first) and prompt chunks are cut.
 That costs little: a long-context step's time is almost all per-sequence work, so eight steps of 8 sequences do
-about what one step of 64 does (measured on the 2-core CPU: 45.7 vs 46.5 tokens/s).
+about what one step of 64 does (on the 2-core CPU, 45.7 vs 46.5 tokens/s; an n=64 job whose sequences take turns
+under the 0.25 s limit kept 0.88-0.94x of its rate, scripts/bench_step_time.py).
 
 The prediction is a least-squares fit of a step's wall time on what it computes: a fixed cost, another fixed cost
 when it holds a prompt chunk (prompt steps run another forward path), tokens computed, KV tokens read, and
@@ -22,9 +23,10 @@ from dataclasses import dataclass
 
 CPU_MAX_STEP_TIME_S = 0.25
 """--max-step-time's default on a CPU: a step of decodes stays within about a short chat's own time there."""
-MIN_PREFILL_TOKENS = 256
-"""A prompt chunk is not cut below this (on the 2-core CPU, 256 tokens take about 0.8 s, within a few percent of the
-best chunk's speed; 64-token chunks made a 2,400-token prompt's first token about a third slower)."""
+MIN_PREFILL_TOKENS = 512
+"""A prompt chunk is not cut below this: each step re-reads the prompt's cached KV and pays a forward's fixed costs,
+so on the 2-core CPU 64-token chunks made a 2,400-token prompt's first token about a third slower, and 256-token
+ones up to 15 %; 512 tokens take about 1.5 s there."""
 PER_KIND = 4
 MAX_KINDS = 64
 REBUILD_EVERY = 4096
@@ -164,33 +166,36 @@ def _solve(matrix: list[list[float]], vector: list[float]) -> list[float]:
 class StepTimeLimit:
     """One step's time budget while the scheduler fills it: how much of a request's work still fits.
 
-    The step's first request always gets its tokens, and the first prompt chunk of a step at least
-    `min_prefill_tokens` of them (the rest of its prompt, if less): so decodes cannot starve a prompt, and a long
-    prompt is not cut into chunks so small that per-step costs (a forward's fixed work, re-reading the cached KV of
-    the prompt so far) slow its first token down more than the limit helps anyone. A step holding such a chunk may
-    therefore run longer than the limit; one of decodes alone does not (as far as the prediction goes)."""
+    The step's first request always gets its tokens, and so does, with at least `min_prefill_tokens` of them (the
+    rest of its prompt, if less), the first prompt chunk or joining request of a step: so decodes that fill every
+    step cannot starve a prompt or keep a waiting request out, and a long prompt is not cut into chunks so small
+    that per-step costs (a forward's fixed work, re-reading the prompt's cached KV) slow its first token down more
+    than the limit helps anyone. A step holding such a chunk may therefore run longer than the limit; one of decodes
+    alone does not (as far as the prediction goes)."""
 
     def __init__(self, model: StepTimeModel, limit_s: float, min_prefill_tokens: int) -> None:
         self.model = model
         self.limit_s = limit_s
         self.min_prefill_tokens = min_prefill_tokens
         self.load = StepLoad()
+        self._has_prompt_or_joiner = False
 
-    def grant(self, start: int, wanted: int) -> int:
+    def grant(self, start: int, wanted: int, joining: bool = False) -> int:
         """How many of `wanted` tokens (from position `start`) may run in this step: all, a prompt chunk cut to
-        fit, or 0 (the request takes its turn in a later step)."""
+        fit, or 0 (the request takes its turn in a later step). `joining`: a waiting request, not yet running."""
         if self._fits(start, wanted):
             return wanted
-        if wanted == 1:
+        if wanted == 1 and not joining:  # a decode
             return 0 if self.load.num_tokens else 1
         floor = min(wanted, self.min_prefill_tokens)
         chunk = self._largest_fit(start, wanted)
         if chunk >= floor:
             return chunk
-        return 0 if self.load.has_prefill else floor
+        return 0 if self._has_prompt_or_joiner else floor
 
-    def take(self, start: int, num_tokens: int) -> None:
+    def take(self, start: int, num_tokens: int, joining: bool = False) -> None:
         self.load.add(start, num_tokens)
+        self._has_prompt_or_joiner = self._has_prompt_or_joiner or joining or num_tokens > 1
 
     def _fits(self, start: int, num_tokens: int) -> bool:
         return self.model.predict(self.load.plus(start, num_tokens)) <= self.limit_s

@@ -111,10 +111,11 @@ def test_the_first_request_of_a_step_always_runs() -> None:
 
 def test_a_prompt_chunk_is_cut_to_fit_but_not_below_the_floor() -> None:
     model = trained_model()
-    limit = StepTimeLimit(model, 2.0, MIN_PREFILL_TOKENS)
-    chunk = limit.grant(0, 2000)
-    assert MIN_PREFILL_TOKENS < chunk < 2000
-    assert cpu_like_cost(load_of((0, chunk))) <= 2.0 < cpu_like_cost(load_of((0, chunk + 1)))
+    roomy = cpu_like_cost(load_of((0, 2 * MIN_PREFILL_TOKENS)))
+    limit = StepTimeLimit(model, roomy, MIN_PREFILL_TOKENS)
+    chunk = limit.grant(0, 4 * MIN_PREFILL_TOKENS)
+    assert MIN_PREFILL_TOKENS < chunk < 4 * MIN_PREFILL_TOKENS
+    assert cpu_like_cost(load_of((0, chunk))) <= roomy < cpu_like_cost(load_of((0, chunk + 1)))
     tight = StepTimeLimit(model, 0.25, MIN_PREFILL_TOKENS)
     assert tight.grant(0, 2000) == MIN_PREFILL_TOKENS  # the first prompt chunk of a step gets the floor
     assert tight.grant(0, 100) == 100  # a short prompt whole
@@ -174,11 +175,33 @@ def test_with_a_limit_decodes_take_turns_in_steps_that_fit() -> None:
 
 def test_a_new_request_joins_a_step_full_of_decodes_and_its_prompt_is_chunked_at_the_floor() -> None:
     sched = long_context_scheduler(0.1)
-    newcomer = make_request("new", [5] * 1000, max_tokens=4, ignore_eos=True)
+    length = 3 * MIN_PREFILL_TOKENS + 100
+    newcomer = make_request("new", [5] * length, max_tokens=4, ignore_eos=True)
     sched.add(newcomer)
     chunks = []
-    while newcomer.num_computed_tokens < 1000:
+    while newcomer.num_computed_tokens < length:
         plan = timed_step(sched)
         chunks += [item.num_tokens for item in plan.scheduled if item.request is newcomer]
         assert any(item.request is not newcomer for item in plan.scheduled)  # the decodes go on
-    assert chunks == [MIN_PREFILL_TOKENS] * 3 + [1000 - 3 * MIN_PREFILL_TOKENS]
+    assert chunks == [MIN_PREFILL_TOKENS] * 3 + [100]
+
+
+def test_a_waiting_request_that_needs_one_token_is_not_kept_out_by_full_steps_of_decodes() -> None:
+    """A request whose prompt is all cached but its last token (or one resuming after a preemption) asks a step
+    for one token, as a decode does; steps full of running decodes must still let it in."""
+    sched = long_context_scheduler(0.1)
+    cached = make_request("cached", [100] * 401, max_tokens=4, ignore_eos=True)  # r0's prompt, 400 of it cached
+    sched.add(cached)
+    plan = timed_step(sched)
+    assert [item.num_tokens for item in plan.scheduled if item.request is cached] == [1]
+    assert len(plan.scheduled) > 2  # beside decodes of the others
+
+
+def test_a_joining_request_and_a_prompt_chunk_share_one_guaranteed_place_per_step() -> None:
+    limit = StepTimeLimit(trained_model(), 0.25, MIN_PREFILL_TOKENS)
+    while limit.grant(3000, 1):
+        limit.take(3000, 1)
+    assert limit.grant(3000, 1) == 0  # no room for another decode like those
+    assert limit.grant(3000, 1, joining=True) == 1  # but a waiting request like them gets in
+    limit.take(3000, 1, joining=True)
+    assert limit.grant(0, 2000) == 0 and limit.grant(3000, 1, joining=True) == 0
