@@ -141,6 +141,7 @@ class EngineCore:
             tensor_parallel_size=self.config.model.tensor_parallel_size,
             ranks=[f"rank {r.rank} on {r.device}: {r.describe()}" for r in self.rank_reports],
             kv_cache_bytes=sum(r.kv_cache_bytes for r in self.rank_reports) or self.kv_cache.nbytes,
+            max_step_time_s=self.scheduler.max_step_time_s,
         )
 
     # requests -------------------------------------------------------------------------------------

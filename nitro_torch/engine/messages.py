@@ -140,6 +140,8 @@ class EngineInfo(msgspec.Struct, frozen=True):
     """With tensor parallelism: what each rank holds ("rank 1 on cuda:1: weights ..."), rank 0 first."""
     kv_cache_bytes: int = 0
     """The KV cache's bytes, summed over the ranks."""
+    max_step_time_s: float = 0.0
+    """--max-step-time as it applies (0: steps are not limited in time)."""
 
 
 class CoreStaged(msgspec.Struct, tag="staged"):

@@ -239,8 +239,10 @@ class Scheduler:
         return StepTimeLimit(self.step_time, self.max_step_time_s, MIN_PREFILL_TOKENS)
 
     def observe_step(self, plan: StepPlan, seconds: float) -> None:
-        """How long the plan's forward and sampling took: the step time model learns from it."""
-        self.step_time.observe(plan.load(), seconds)
+        """How long the plan's forward and sampling took: the step time model learns from it (when steps are
+        limited in time; otherwise nothing, so a GPU's step pays nothing for it)."""
+        if self.max_step_time_s > 0:
+            self.step_time.observe(plan.load(), seconds)
 
     def _make_room(self, request: Request, num_new: int, plan: StepPlan, shares: StepShares | None = None) -> bool:
         """Allocate blocks for `request`, preempting newer requests if needed; False if it was preempted itself.

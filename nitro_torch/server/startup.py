@@ -138,6 +138,9 @@ def startup_block(config: Config, engine: EngineClient | None, urls: list[str]) 
         row("KV cache:", f"{capacity.kv_tokens} tokens ({capacity.kv_blocks} blocks of {capacity.block_size}"
                          f"{summed}): {capacity.full_context_requests} requests at the full context")
         row("Sequences:", f"up to {capacity.max_num_seqs} at once (--max-num-seqs)")
+        if info.max_step_time_s > 0:
+            row("Steps:", f"about {info.max_step_time_s:g} s at most, so a new request soon joins; decodes take "
+                          "turns beyond it (--max-step-time)")
     security = config.security
     if security.api_key:
         row("API key:", "required: send 'Authorization: Bearer <key>' (the chat page asks for it)")

@@ -73,6 +73,8 @@ def test_the_block_tells_where_to_go_and_what_is_served() -> None:
         assert block["KV cache:"] == [f"{tokens} tokens ({blocks} blocks of {size}): "
                                       f"{tokens // 1024} requests at the full context"]
         assert block["Sequences:"] == ["up to 6 at once (--max-num-seqs)"] and health["max_num_seqs"] == 6
+        assert block["Steps:"] == ["about 0.25 s at most, so a new request soon joins; decodes take turns beyond it "
+                                   "(--max-step-time)"]
         assert block["API key:"][0].startswith("not required")
 
         log = log_path.read_text(errors="replace")
