@@ -66,7 +66,7 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_batched_tokens: int = field(default=2048, metadata={"help": "token budget of one engine step"})
     max_num_seqs: int = field(default=128, metadata={"help": "most requests running at once"})
-    fair_share: bool = field(default=True, metadata={"help": "share each step's tokens and the waiting queue fairly between clients (by API key, else by client address), so that one heavy client cannot starve a light one; off: first come, first served"})
+    fair_share: bool = field(default=True, metadata={"help": "share each step's tokens and the waiting queue fairly between clients (by API key, else by client address), so that one heavy client cannot starve a light one; on a CPU a client well behind in engine time lately also runs alone while busier clients wait; off: first come, first served"})
     fair_share_hold: float = field(default=2.0, metadata={"help": "seconds a client's fair share stays held after its last request ended, so that its next one (a chat turn, an agent's next call) does not wait behind a full step of a heavy client (0: none)"})
     max_step_time: float | None = field(default=None, metadata={"help": "seconds one engine step may take, as predicted from the steps before it: decodes take turns and prompt chunks are cut to fit, so a request that arrives waits at most about this long for the step in flight (default: 0.25 on a CPU, where a step of many long sequences takes seconds; off on CUDA; 0: no limit)"})
 

@@ -6,7 +6,7 @@
 The light client connects from 127.0.0.2 and the heavy one from 127.0.0.1 (both reach loopback), so the server
 sees two clients. Prints medians of short greedy chats: idle; "first" chats, each after the heavy job has run alone
 for `--pause` s (longer than --fair-share-hold, so the chat meets the heavy client's full steps); then `--tries`
-chats back to back (as a chat or an agent loop sends them).
+chats back to back (as a chat or an agent loop sends them), and the heavy job's token rate alone and during them.
 """
 
 from __future__ import annotations
@@ -77,18 +77,24 @@ def main() -> None:
                                 "stream": True})
     heavy.thread.start()
     heavy.started.wait(timeout=600)
-    first = []
+    first, alone_rates = [], []
     for _ in range(args.first_chats):
+        chunks, start = heavy.chunks, time.perf_counter()
         time.sleep(args.pause)  # longer than the light client's held share: the heavy job runs alone
+        alone_rates.append((heavy.chunks - chunks) / (time.perf_counter() - start))
         first.append(chat_seconds(light, args.url, args.max_tokens))
+    chunks, start = heavy.chunks, time.perf_counter()
     loaded = statistics.median(latencies(light, args.url, args.tries, args.max_tokens))
+    beside_rate = (heavy.chunks - chunks) / (time.perf_counter() - start)
     heavy.stop.set()
     heavy.thread.join(timeout=60)
     first_median = statistics.median(first)
     print(f"load average {os.getloadavg()[0]:.2f}; light chat ({args.max_tokens} tokens): idle {idle * 1000:.0f} ms; "
           f"beside n={args.heavy_n} ({args.heavy_prompt_words}-word prompt): first chats "
           f"{' '.join(f'{t * 1000:.0f}' for t in first)} ms, median {first_median / idle:.2f}x, "
-          f"worst {max(first) / idle:.2f}x; back to back {loaded * 1000:.0f} ms = {loaded / idle:.2f}x")
+          f"worst {max(first) / idle:.2f}x; back to back {loaded * 1000:.0f} ms = {loaded / idle:.2f}x; the heavy "
+          f"job's tokens/s: alone {statistics.median(alone_rates):.1f} (the pauses), during the back-to-back chats "
+          f"{beside_rate:.1f}")
 
 
 if __name__ == "__main__":

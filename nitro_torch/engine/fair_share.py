@@ -16,6 +16,14 @@ A client's share outlives its last request by `hold_s` (anticipation, as disk sc
 of the process they just served): a chat user or an agent loop sends its next request within moments, and it then
 finds the heavy client already held to its share instead of waiting behind a step of all its sequences.
 
+On such a device a client also runs *alone* while it is well behind the others in engine time lately (least
+attained service, as a CPU scheduler's virtual runtime): every step's seconds are charged to its clients by their
+share of its tokens, halving every `SERVICE_HALF_LIFE_S`. A chat that arrives beside a job that has had the engine
+for seconds then runs in steps of its own, about as fast as on an idle server, until it has had about as much time
+as the job; from there on both share steps as above. (One of the job's rows beside the chat would cost each of the
+chat's tokens a long-context attention and the uncompiled path of a batch of two.) Only clients with more sequences
+than those behind sit out: a chat user ahead of a job that has just started keeps its place in the shared steps.
+
 Requests of a client that is over its share simply sit out the step with their KV blocks kept; the waiting queue
 is served client by client (fewest running first), and when every sequence slot is taken, the busiest client
 gives up its newest request to a client that has fewer.
@@ -25,7 +33,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, zip_longest
 from typing import Protocol, TypeVar
@@ -47,6 +55,14 @@ class ClientRequest(Protocol):
 
 R = TypeVar("R", bound=ClientRequest)
 
+SERVICE_HALF_LIFE_S = 4.0
+"""How long a client's engine time counts: half of it after this many seconds (a chat beside a long job stays
+ahead for about that long)."""
+SERVICE_MARGIN_S = 0.5
+"""How far behind the least served client another must be to sit out (less: both share steps); more than a few
+steps, so that two busy clients do not take turns step by step."""
+_FORGOTTEN_S = 1e-3
+
 
 def tokens_wanted(request: ClientRequest) -> int:
     return request.num_tokens_with_pending - request.num_computed_tokens
@@ -61,14 +77,55 @@ def _caps(demand: Counter[str], floor: int) -> dict[str, int]:
     return {client: max(floor, second if client == busiest else largest) for client in demand}
 
 
+def _ahead_and_busier(seqs: Counter[str], service: AttainedService) -> frozenset[str]:
+    """The clients that sit out: well ahead in engine time and with more sequences than any client behind (their
+    rows would slow the step; a client with fewer would barely, and sitting out would cost it its latency)."""
+    if len(seqs) < 2:
+        return frozenset()
+    behind = service.behind(seqs)
+    most = max(seqs[c] for c in behind)
+    return frozenset(c for c, n in seqs.items() if c not in behind and n > most)
+
+
+class AttainedService:
+    """Seconds of engine time each client had lately, halving every `half_life_s`."""
+
+    def __init__(self, clock: Callable[[], float], half_life_s: float = SERVICE_HALF_LIFE_S) -> None:
+        self.clock = clock
+        self.half_life_s = half_life_s
+        self.seconds: dict[str, float] = {}
+        self._at = clock()
+
+    def charge(self, tokens: Mapping[str, int], seconds: float) -> None:
+        """A step of `seconds` computed `tokens` per client: each is charged its part."""
+        now = self.clock()
+        kept = 0.5 ** ((now - self._at) / self.half_life_s)
+        self._at = now
+        if kept < 1.0:  # old clients fade out, so the table holds only the recent ones
+            self.seconds = {c: s * kept for c, s in self.seconds.items() if s * kept > _FORGOTTEN_S}
+        total = sum(tokens.values())
+        if total <= 0:
+            return
+        for client, num_tokens in tokens.items():
+            if num_tokens > 0:
+                self.seconds[client] = self.seconds.get(client, 0.0) + seconds * num_tokens / total
+
+    def behind(self, clients: Collection[str], margin_s: float = SERVICE_MARGIN_S) -> set[str]:
+        """Of `clients`, those within `margin_s` of the least served."""
+        least = min((self.seconds.get(c, 0.0) for c in clients), default=0.0)
+        return {c for c in clients if self.seconds.get(c, 0.0) <= least + margin_s}
+
+
 class ClientTracker:
-    """Requests added and not finished, per client, and the clients whose share is still held after their last."""
+    """Requests added and not finished, per client, the clients whose share is still held after their last, and
+    the engine time each had lately."""
 
     def __init__(self, hold_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.live: Counter[str] = Counter()
         self.hold_s = hold_s
         self.clock = clock
         self._held_until: dict[str, float] = {}
+        self.service = AttainedService(clock)
 
     def add(self, client: str) -> None:
         self.live[client] += 1
@@ -99,11 +156,14 @@ class StepShares:
     """Running requests per client at the start of the step."""
     seqs: Counter[str] = field(default_factory=Counter)
     tokens: Counter[str] = field(default_factory=Counter)
+    excluded: frozenset[str] = frozenset()
+    """Clients that sit out the step: well ahead in engine time, and busier than the clients behind."""
 
     @classmethod
     def of(cls, running: Sequence[ClientRequest], waiting: Iterable[ClientRequest], budget: int,
-           min_seqs: int, min_tokens: int) -> StepShares:
-        """`min_seqs`, `min_tokens`: what every client may have whatever the others ask for."""
+           min_seqs: int, min_tokens: int, service: AttainedService | None = None) -> StepShares:
+        """`min_seqs`, `min_tokens`: what every client may have whatever the others ask for. With `service`, the
+        clients well ahead in engine time and busier than those behind sit out (the others share the step)."""
         seqs: Counter[str] = Counter()
         tokens: Counter[str] = Counter()
         for request in chain(running, waiting):
@@ -111,7 +171,16 @@ class StepShares:
             if wanted > 0:
                 seqs[request.client] += 1
                 tokens[request.client] += min(wanted, budget)
-        return cls(_caps(seqs, min_seqs), _caps(tokens, min_tokens), Counter(r.client for r in running))
+        on_engine = Counter(r.client for r in running)
+        excluded = _ahead_and_busier(seqs, service) if service is not None else frozenset()
+        if not excluded:
+            return cls(_caps(seqs, min_seqs), _caps(tokens, min_tokens), on_engine)
+        seqs_kept = Counter({c: n for c, n in seqs.items() if c not in excluded})
+        tokens_kept = Counter({c: n for c, n in tokens.items() if c not in excluded})
+        max_seqs, max_tokens = (_caps(seqs_kept, min_seqs), _caps(tokens_kept, min_tokens)) if len(seqs_kept) > 1 \
+            else (dict(seqs_kept), dict(tokens_kept))
+        return cls(max_seqs | dict.fromkeys(excluded, 0), max_tokens | dict.fromkeys(excluded, 0), on_engine,
+                   excluded=excluded)
 
     def grant(self, client: str, wanted: int) -> int:
         """How many of `wanted` tokens the client may still schedule in this step (0: it has had its share)."""

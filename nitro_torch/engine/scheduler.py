@@ -22,50 +22,17 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from nitro_torch.engine.block_manager import BlockManager, PrefixHit
 from nitro_torch.engine.fair_share import ClientTracker, StepShares, tokens_wanted
 from nitro_torch.engine.outputs import FinishReason
 from nitro_torch.engine.request import Request, RequestStatus
-from nitro_torch.engine.step_time import MIN_PREFILL_TOKENS, StepLoad, StepTimeLimit, StepTimeModel
+from nitro_torch.engine.step_plan import ScheduledRequest, StepPlan
+from nitro_torch.engine.step_time import MIN_PREFILL_TOKENS, StepTimeLimit, StepTimeModel
 from nitro_torch.runner.scheduler_output import NewRequest, SchedulerOutput
 
-
-@dataclass
-class ScheduledRequest:
-    request: Request
-    num_tokens: int
-    start_position: int
-    samples: bool = False
-    """The chunk reaches the request's last token (pending ones included), so a new token is sampled."""
-
-    def __post_init__(self) -> None:
-        self.samples = self.start_position + self.num_tokens == self.request.num_tokens_with_pending
-
-
-@dataclass
-class StepPlan:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-    block_copies: list[tuple[int, int]] = field(default_factory=list)
-    """KV blocks to copy (source, destination) before the forward."""
-    for_runner: SchedulerOutput = field(default_factory=SchedulerOutput)
-    """The step as the runner gets it: data only."""
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.scheduled)
-
-    def load(self) -> StepLoad:
-        load = StepLoad()
-        for item in self.scheduled:
-            load.add(item.start_position, item.num_tokens)
-        return load
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
+__all__ = ["ScheduledRequest", "Scheduler", "SchedulerStats", "StepPlan"]
 
 
 @dataclass
@@ -148,9 +115,21 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
-        budget = self.max_num_batched_tokens
         shares = self._step_shares()
         limit = self._step_time_limit()
+        self._fill(plan, shares, limit)
+        if not plan.scheduled and shares is not None and shares.excluded:
+            # the clients behind could not run now (no room, no slot): the others have the step rather than no one
+            self._fill(plan, self._step_shares(least_served_first=False), limit)
+        if plan.scheduled:  # the runner runs no empty step: copies and leavers wait for the next one
+            plan.block_copies, self.block_manager.pending_copies = self.block_manager.pending_copies, []
+            plan.for_runner = self._runner_view(plan)
+        self.stats.num_steps += 1
+        return plan
+
+    def _fill(self, plan: StepPlan, shares: StepShares | None, limit: StepTimeLimit | None) -> None:
+        """Running requests first, then waiting ones, within the step's token budget, shares and time limit."""
+        budget = self.max_num_batched_tokens
         if shares is None and limit is None:  # decodes first
             order = sorted(self.running, key=lambda r: tokens_wanted(r) > 1)
         elif shares is None:  # decodes first; as not all may fit, each least recently served first
@@ -184,14 +163,9 @@ class Scheduler:
             budget -= num_new
         if not plan.preempted:
             if shares is None:
-                budget = self._admit_waiting(plan, budget, limit)
+                self._admit_waiting(plan, budget, limit)
             else:
-                budget = self._admit_waiting_fairly(plan, budget, shares, limit)
-        if plan.scheduled:  # the runner runs no empty step: copies and leavers wait for the next one
-            plan.block_copies, self.block_manager.pending_copies = self.block_manager.pending_copies, []
-            plan.for_runner = self._runner_view(plan)
-        self.stats.num_steps += 1
-        return plan
+                self._admit_waiting_fairly(plan, budget, shares, limit)
 
     def _runner_view(self, plan: StepPlan) -> SchedulerOutput:
         step = SchedulerOutput(finished_request_ids=self._left_runner, block_copies=plan.block_copies)
@@ -215,8 +189,9 @@ class Scheduler:
             self._left_runner.append(request.request_id)
             request.num_blocks_in_runner = None
 
-    def _step_shares(self) -> StepShares | None:
-        """This step's fair shares, or None while at most one client has work (the whole step is its)."""
+    def _step_shares(self, least_served_first: bool = True) -> StepShares | None:
+        """This step's fair shares, or None while at most one client has work (the whole step is its). Where a
+        bigger batch costs more (a CPU), clients well ahead in engine time sit out while others are behind."""
         num_clients = self.clients.num_active() if self.fair_share else 0
         if num_clients < 2 or not self.clients.live:
             return None
@@ -225,8 +200,9 @@ class Scheduler:
             min_seqs, min_tokens = self.max_num_seqs // num_clients, budget // num_clients
         else:
             min_seqs, min_tokens = 1, self.block_manager.block_size
+        service = self.clients.service if least_served_first and not self.flat_batch_cost else None
         return StepShares.of(self.running, self.waiting, budget, max(1, min_seqs),
-                             max(self.block_manager.block_size, min_tokens))
+                             max(self.block_manager.block_size, min_tokens), service)
 
     def _serve_ticket(self) -> int:
         self._num_served += 1
@@ -240,9 +216,11 @@ class Scheduler:
 
     def observe_step(self, plan: StepPlan, seconds: float) -> None:
         """How long the plan's forward and sampling took: the step time model learns from it (when steps are
-        limited in time; otherwise nothing, so a GPU's step pays nothing for it)."""
+        limited in time), and under fair shares on a CPU each client is charged its part (a GPU pays for neither)."""
         if self.max_step_time_s > 0:
             self.step_time.observe(plan.load(), seconds)
+        if self.fair_share and not self.flat_batch_cost:
+            self.clients.service.charge(plan.tokens_per_client(), seconds)
 
     def _make_room(self, request: Request, num_new: int, plan: StepPlan, shares: StepShares | None = None) -> bool:
         """Allocate blocks for `request`, preempting newer requests if needed; False if it was preempted itself.
@@ -258,7 +236,7 @@ class Scheduler:
         self.block_manager.allocate(request, num_new)
         return True
 
-    def _admit_waiting(self, plan: StepPlan, budget: int, limit: StepTimeLimit | None) -> int:
+    def _admit_waiting(self, plan: StepPlan, budget: int, limit: StepTimeLimit | None) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             hit = self.block_manager.find_prefix_hit(request)
@@ -272,7 +250,6 @@ class Scheduler:
             self.waiting.popleft()
             self._start_running(request, num_new, hit, plan, limit)
             budget -= num_new
-        return budget
 
     def _start_running(self, request: Request, num_new: int, hit: PrefixHit, plan: StepPlan,
                        limit: StepTimeLimit | None) -> None:
@@ -288,7 +265,7 @@ class Scheduler:
             limit.take(request.num_computed_tokens, num_new, joining=True)
 
     def _admit_waiting_fairly(self, plan: StepPlan, budget: int, shares: StepShares,
-                              limit: StepTimeLimit | None) -> int:
+                              limit: StepTimeLimit | None) -> None:
         """`_admit_waiting` under fair shares: clients with the fewest running requests first, each within its
         share; when every sequence slot is taken, a client with at least two more running gives up its newest."""
         for request in shares.waiting_order(self.waiting):
@@ -309,7 +286,6 @@ class Scheduler:
             shares.take(request.client, num_new)
             shares.running[request.client] += 1
             budget -= num_new
-        return budget
 
     def _yield_slot(self, client: str, plan: StepPlan) -> bool:
         """Free a sequence slot for `client` by preempting the newest unscheduled request of a much busier one."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from nitro_torch.engine.block_manager import BlockManager
-from nitro_torch.engine.fair_share import ClientTracker
+from nitro_torch.engine.fair_share import SERVICE_HALF_LIFE_S, SERVICE_MARGIN_S, AttainedService, ClientTracker
 from nitro_torch.engine.outputs import FinishReason
 from nitro_torch.engine.request import Request
 from nitro_torch.engine.scheduler import Scheduler, StepPlan
@@ -186,3 +186,96 @@ def test_an_aborted_request_leaves_its_clients_count() -> None:
     for request in heavy:
         sched.finish(request, FinishReason.ABORT)
     assert dict(sched.clients.live) == {"light": 1} and sched._step_shares() is None  # alone again: uncapped
+
+
+def test_engine_time_is_charged_by_tokens_and_halves_every_half_life() -> None:
+    now = [0.0]
+    service = AttainedService(clock=lambda: now[0])
+    service.charge({"a": 3, "b": 1}, 0.4)
+    assert service.seconds == {"a": 0.30000000000000004, "b": 0.1}
+    now[0] += SERVICE_HALF_LIFE_S
+    service.charge({"b": 1}, 0.1)
+    assert service.seconds["a"] == 0.30000000000000004 / 2 and service.seconds["b"] == 0.1 / 2 + 0.1
+    now[0] += 20 * SERVICE_HALF_LIFE_S
+    service.charge({"c": 1}, 0.01)
+    assert service.seconds == {"c": 0.01}  # clients gone for long are forgotten: the table stays small
+    assert service.behind(["a", "b", "c"]) == {"a", "b", "c"}
+    service.charge({"a": 1}, SERVICE_MARGIN_S + 0.1)
+    assert service.behind(["a", "b", "c"]) == {"b", "c"}
+
+
+def charged_steps(sched: Scheduler, now: list[float], count: int, seconds: float = 0.25) -> list[StepPlan]:
+    """Steps that each took `seconds` (as the engine core reports them)."""
+    plans = []
+    for _ in range(count):
+        plan = step(sched)[0]
+        now[0] += seconds
+        sched.observe_step(plan, seconds)
+        plans.append(plan)
+    return plans
+
+
+def test_a_client_far_behind_in_engine_time_runs_alone_until_it_has_caught_up() -> None:
+    """On a CPU a chat beside a job that had the engine for seconds runs in steps of its own (as fast as alone), not
+    beside one of the job's sequences at a long context; once it has had about as much time, they share steps."""
+    now = [100.0]
+    sched = fair_scheduler()
+    sched.clients = ClientTracker(clock=lambda: now[0])
+    heavy_running(sched)
+    charged_steps(sched, now, 8)  # the heavy client alone, 2 s of engine time
+    light = client_request("light", "light", prompt_len=5, max_tokens=4)
+    sched.add(light)
+    plans = charged_steps(sched, now, 4, seconds=0.02)
+    assert [per_client(plan) for plan in plans] == [{"light": (1, 5)}] + [{"light": (1, 1)}] * 3
+    assert light.is_finished
+    chat = client_request("chat", "light", max_tokens=200)
+    sched.add(chat)
+    plans = charged_steps(sched, now, 60)
+    assert per_client(plans[0]) == {"light": (1, 3)}
+    shared = [i for i, plan in enumerate(plans) if "heavy" in per_client(plan)]
+    assert shared and per_client(plans[shared[0]]) == {"light": (1, 1), "heavy": (1, 1)}  # caught up: shared
+    served = sched.clients.service.seconds
+    assert abs(served["light"] - served["heavy"]) <= SERVICE_MARGIN_S + 0.25
+
+
+def test_a_chat_user_ahead_of_a_job_that_just_started_keeps_its_place_in_shared_steps() -> None:
+    """Only a client busier than those behind sits out: the chat user who had the engine before the job came does
+    not wait for the job's steps while the job catches up."""
+    now = [100.0]
+    sched = fair_scheduler()
+    sched.clients = ClientTracker(clock=lambda: now[0])
+    for i in range(4):
+        sched.add(client_request(f"chat-{i}", "light", max_tokens=4))
+        charged_steps(sched, now, 4)
+    heavy_running(sched)
+    sched.add(client_request("chat", "light", max_tokens=4))
+    assert sched.clients.service.behind(["light", "heavy"]) == {"heavy"}
+    assert per_client(charged_steps(sched, now, 1)[0]) == {"heavy": (1, 1), "light": (1, 3)}
+
+
+def test_a_client_ahead_keeps_the_step_while_the_clients_behind_cannot_run() -> None:
+    """A light request that finds no free KV block cannot start: the heavy client, though far ahead, has the step
+    rather than no one (no empty steps), and the light request starts once blocks are free."""
+    now = [100.0]
+    sched = fair_scheduler(num_blocks=8, max_num_seqs=8)
+    sched.clients = ClientTracker(clock=lambda: now[0])
+    heavy = heavy_running(sched, count=2, max_tokens=13)
+    charged_steps(sched, now, 9)
+    assert sched.block_manager.num_free_blocks == 0  # 4 blocks each
+    light = client_request("light", "light", prompt_len=4, max_tokens=2)
+    sched.add(light)
+    plans = charged_steps(sched, now, 3)
+    assert [per_client(plan) for plan in plans] == [{"heavy": (1, 1)}] * 3 and light in sched.waiting
+    run_to_completion(sched)
+    assert [r.num_output_tokens for r in heavy] == [13, 13] and light.num_output_tokens == 2
+
+
+def test_where_a_big_batch_costs_what_a_small_one_does_no_client_sits_out() -> None:
+    now = [100.0]
+    sched = fair_scheduler(max_num_seqs=16, flat_batch_cost=True)
+    sched.clients = ClientTracker(clock=lambda: now[0])
+    heavy_running(sched, count=8)
+    charged_steps(sched, now, 20)
+    sched.add(client_request("light", "light", prompt_len=5, max_tokens=4))
+    assert per_client(step(sched)[0]) == {"heavy": (8, 8), "light": (1, 5)}
+    assert not sched.clients.service.seconds  # a GPU's steps are not even charged
