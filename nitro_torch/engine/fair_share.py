@@ -18,7 +18,8 @@ finds the heavy client already held to its share instead of waiting behind a ste
 
 On such a device a client also runs *alone* while it is well behind the others in engine time lately (least
 attained service, as a CPU scheduler's virtual runtime): every step's seconds are charged to its clients by their
-share of its tokens, halving every `SERVICE_HALF_LIFE_S`. A chat that arrives beside a job that has had the engine
+part of its work (as the step time model predicts it: a row at a long context costs more than a short one; else
+by tokens), halving every `SERVICE_HALF_LIFE_S`. A chat that arrives beside a job that has had the engine
 for seconds then runs in steps of its own, about as fast as on an idle server, until it has had about as much time
 as the job; from there on both share steps as above. (One of the job's rows beside the chat would cost each of the
 chat's tokens a long-context attention and the uncompiled path of a batch of two.) Only clients with more sequences
@@ -96,19 +97,19 @@ class AttainedService:
         self.seconds: dict[str, float] = {}
         self._at = clock()
 
-    def charge(self, tokens: Mapping[str, int], seconds: float) -> None:
-        """A step of `seconds` computed `tokens` per client: each is charged its part."""
+    def charge(self, work: Mapping[str, float], seconds: float) -> None:
+        """A step of `seconds` did `work` per client (any unit): each is charged its part of the seconds."""
         now = self.clock()
         kept = 0.5 ** ((now - self._at) / self.half_life_s)
         self._at = now
         if kept < 1.0:  # old clients fade out, so the table holds only the recent ones
             self.seconds = {c: s * kept for c, s in self.seconds.items() if s * kept > _FORGOTTEN_S}
-        total = sum(tokens.values())
+        total = sum(work.values())
         if total <= 0:
             return
-        for client, num_tokens in tokens.items():
-            if num_tokens > 0:
-                self.seconds[client] = self.seconds.get(client, 0.0) + seconds * num_tokens / total
+        for client, part in work.items():
+            if part > 0:
+                self.seconds[client] = self.seconds.get(client, 0.0) + seconds * part / total
 
     def behind(self, clients: Collection[str], margin_s: float = SERVICE_MARGIN_S) -> set[str]:
         """Of `clients`, those within `margin_s` of the least served."""

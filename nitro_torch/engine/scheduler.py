@@ -220,7 +220,17 @@ class Scheduler:
         if self.max_step_time_s > 0:
             self.step_time.observe(plan.load(), seconds)
         if self.fair_share and not self.flat_batch_cost:
-            self.clients.service.charge(plan.tokens_per_client(), seconds)
+            self.clients.service.charge(self._work_per_client(plan), seconds)
+
+    def _work_per_client(self, plan: StepPlan) -> dict[str, float]:
+        """Each client's part of a step: what the step time model predicts its requests cost beyond the step's fixed
+        costs (a decode at a long context costs more than one at a short one), else its tokens."""
+        loads = plan.loads_per_client()
+        if self.step_time.ready:
+            work = {client: self.step_time.variable_cost(load) for client, load in loads.items()}
+            if sum(work.values()) > 0:
+                return work
+        return {client: float(load.num_tokens) for client, load in loads.items()}
 
     def _make_room(self, request: Request, num_new: int, plan: StepPlan, shares: StepShares | None = None) -> bool:
         """Allocate blocks for `request`, preempting newer requests if needed; False if it was preempted itself.

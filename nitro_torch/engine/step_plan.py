@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 from nitro_torch.engine.request import Request
@@ -41,11 +40,11 @@ class StepPlan:
             load.add(item.start_position, item.num_tokens)
         return load
 
-    def tokens_per_client(self) -> Counter[str]:
-        tokens: Counter[str] = Counter()
+    def loads_per_client(self) -> dict[str, StepLoad]:
+        loads: dict[str, StepLoad] = {}
         for item in self.scheduled:
-            tokens[item.request.client] += item.num_tokens
-        return tokens
+            loads.setdefault(item.request.client, StepLoad()).add(item.start_position, item.num_tokens)
+        return loads
 
     @property
     def is_empty(self) -> bool:

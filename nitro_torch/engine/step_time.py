@@ -130,6 +130,10 @@ class StepTimeModel:
             self._coefficients = self._fit()
         return sum(c * x for c, x in zip(self._coefficients, load.features()))
 
+    def variable_cost(self, load: StepLoad) -> float:
+        """The predicted seconds of `load` beyond a step's fixed costs."""
+        return self.predict(load) - self.predict(StepLoad(has_prefill=load.has_prefill))
+
     def _fit(self) -> list[float]:
         """Least squares with an active set: a feature whose coefficient comes out negative is dropped and the
         rest refit, until all are non-negative."""

@@ -8,7 +8,8 @@ from nitro_torch.engine.block_manager import BlockManager
 from nitro_torch.engine.fair_share import SERVICE_HALF_LIFE_S, SERVICE_MARGIN_S, AttainedService, ClientTracker
 from nitro_torch.engine.outputs import FinishReason
 from nitro_torch.engine.request import Request
-from nitro_torch.engine.scheduler import Scheduler, StepPlan
+from nitro_torch.engine.scheduler import ScheduledRequest, Scheduler, StepPlan
+from nitro_torch.engine.step_time import StepLoad
 from tests.engine.test_scheduler import BS, Model, check_invariants, make_request, run_to_completion, step
 
 
@@ -202,6 +203,25 @@ def test_engine_time_is_charged_by_tokens_and_halves_every_half_life() -> None:
     assert service.behind(["a", "b", "c"]) == {"a", "b", "c"}
     service.charge({"a": 1}, SERVICE_MARGIN_S + 0.1)
     assert service.behind(["a", "b", "c"]) == {"b", "c"}
+
+
+def test_a_step_is_charged_by_what_each_clients_rows_cost_once_the_step_time_model_knows() -> None:
+    """A decode at a 3,000-token context reads 300 times the KV of one at 10 tokens: beside each other in a step,
+    the long one's client is charged most of its time (by tokens they would be charged alike)."""
+    sched = fair_scheduler()
+    sched.max_step_time_s = 0.25
+    light = client_request("light", "light", prompt_len=10)
+    heavy = client_request("heavy", "heavy", prompt_len=3000)
+    plan = StepPlan([ScheduledRequest(light, 1, 9), ScheduledRequest(heavy, 1, 2999)])
+    sched.observe_step(plan, 0.1)
+    assert sched.clients.service.seconds == {"light": 0.05, "heavy": 0.05}  # the model knows nothing yet
+    for rows in range(1, 9):  # decodes: 10 ms a step, 1 ms a row, 10 us per KV token read
+        load = StepLoad(rows, rows * 1000, rows * 1000)
+        sched.step_time.observe(load, 0.01 + 0.001 * rows + 1e-5 * rows * 1000)
+    sched.clients = ClientTracker()
+    sched.observe_step(plan, 0.1)
+    charged = sched.clients.service.seconds
+    assert charged["heavy"] > 20 * charged["light"] and abs(sum(charged.values()) - 0.1) < 1e-9
 
 
 def charged_steps(sched: Scheduler, now: list[float], count: int, seconds: float = 0.25) -> list[StepPlan]:
