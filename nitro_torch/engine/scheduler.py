@@ -9,7 +9,8 @@ What the runner gets is plain data (`StepPlan.for_runner`, a SchedulerOutput): a
 it is scheduled (again after a preemption), then only the blocks it gained; requests that left, once.
 
 With `fair_share`, while several clients have work, each step is shared between them (engine/fair_share.py): no
-client gets more of a step than the busiest other client asks for.
+client gets more of a step than the busiest other client asks for, and on a CPU a client well behind the others in
+engine time lately runs while busier ones sit out (each step's time is charged to its clients in `observe_step`).
 
 With `max_step_time_s`, a step is filled only as far as it is predicted to run within that time (engine/step_time.py):
 decodes take turns and prefill chunks are cut, so a request that arrives never waits long for the step in flight.
