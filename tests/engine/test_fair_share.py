@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from nitro_torch.engine.block_manager import BlockManager
 from nitro_torch.engine.fair_share import SERVICE_HALF_LIFE_S, SERVICE_MARGIN_S, AttainedService, ClientTracker
 from nitro_torch.engine.outputs import FinishReason
@@ -189,19 +191,19 @@ def test_an_aborted_request_leaves_its_clients_count() -> None:
     assert dict(sched.clients.live) == {"light": 1} and sched._step_shares() is None  # alone again: uncapped
 
 
-def test_engine_time_is_charged_by_tokens_and_halves_every_half_life() -> None:
+def test_engine_time_is_charged_by_each_clients_part_of_the_work_and_halves_every_half_life() -> None:
     now = [0.0]
     service = AttainedService(clock=lambda: now[0])
-    service.charge({"a": 3, "b": 1}, 0.4)
-    assert service.seconds == {"a": 0.30000000000000004, "b": 0.1}
+    service.charge({"a": 3.0, "b": 1.0}, 0.4)
+    assert service.seconds == pytest.approx({"a": 0.3, "b": 0.1})
     now[0] += SERVICE_HALF_LIFE_S
-    service.charge({"b": 1}, 0.1)
-    assert service.seconds["a"] == 0.30000000000000004 / 2 and service.seconds["b"] == 0.1 / 2 + 0.1
+    service.charge({"b": 1.0}, 0.1)
+    assert service.seconds == pytest.approx({"a": 0.3 / 2, "b": 0.1 / 2 + 0.1})
     now[0] += 20 * SERVICE_HALF_LIFE_S
-    service.charge({"c": 1}, 0.01)
+    service.charge({"c": 1.0}, 0.01)
     assert service.seconds == {"c": 0.01}  # clients gone for long are forgotten: the table stays small
     assert service.behind(["a", "b", "c"]) == {"a", "b", "c"}
-    service.charge({"a": 1}, SERVICE_MARGIN_S + 0.1)
+    service.charge({"a": 1.0}, SERVICE_MARGIN_S + 0.1)
     assert service.behind(["a", "b", "c"]) == {"b", "c"}
 
 
