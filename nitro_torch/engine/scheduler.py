@@ -30,7 +30,7 @@ from nitro_torch.engine.fair_share import ClientTracker, StepShares, tokens_want
 from nitro_torch.engine.outputs import FinishReason
 from nitro_torch.engine.request import Request, RequestStatus
 from nitro_torch.engine.step_plan import ScheduledRequest, StepPlan
-from nitro_torch.engine.step_time import MIN_PREFILL_TOKENS, StepTimeLimit, StepTimeModel
+from nitro_torch.engine.step_time import MIN_PREFILL_TOKENS, StepLoad, StepTimeLimit, StepTimeModel
 from nitro_torch.runner.scheduler_output import NewRequest, SchedulerOutput
 
 __all__ = ["ScheduledRequest", "Scheduler", "SchedulerStats", "StepPlan"]
@@ -142,22 +142,24 @@ class Scheduler:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this step
-            if request.num_pending_tokens and request.num_tokens_with_pending >= request.max_total_tokens:
+            with_pending = request.num_tokens_with_pending
+            if request.num_pending_tokens and with_pending >= request.max_total_tokens:
                 continue  # its pending token is its last: it ends with it
-            num_new = min(request.num_tokens_with_pending - request.num_computed_tokens, budget)
+            start = request.num_computed_tokens
+            num_new = min(with_pending - start, budget)
             if shares is not None:
                 num_new = shares.grant(request.client, num_new)
                 if num_new == 0:
                     continue  # the client has had its share of this step
             if limit is not None:
-                num_new = limit.grant(request.num_computed_tokens, num_new)
+                num_new = limit.grant(start, num_new)
                 if num_new == 0:
                     continue  # it takes its turn in a later step
             if not self._make_room(request, num_new, plan, shares):
                 continue
-            plan.scheduled.append(ScheduledRequest(request, num_new, request.num_computed_tokens))
+            plan.scheduled.append(ScheduledRequest(request, num_new, start))
             if limit is not None:
-                limit.take(request.num_computed_tokens, num_new)
+                limit.take(start, num_new)
             if shares is not None:
                 shares.take(request.client, num_new)
             request.last_served = self._serve_ticket()
@@ -218,17 +220,21 @@ class Scheduler:
     def observe_step(self, plan: StepPlan, seconds: float) -> None:
         """How long the plan's forward and sampling took: the step time model learns from it (when steps are
         limited in time), and under fair shares on a CPU each client is charged its part (a GPU pays for neither)."""
+        charged = self.fair_share and not self.flat_batch_cost
+        if self.max_step_time_s <= 0 and not charged:
+            return
+        loads = plan.loads_per_client()
         if self.max_step_time_s > 0:
-            self.step_time.observe(plan.load(), seconds)
-        if self.fair_share and not self.flat_batch_cost:
-            self.clients.service.charge(self._work_per_client(plan), seconds)
+            self.step_time.observe(StepLoad.total(loads.values()), seconds)
+        if charged:
+            self.clients.service.charge(self._work_per_client(loads), seconds)
 
-    def _work_per_client(self, plan: StepPlan) -> dict[str, float]:
+    def _work_per_client(self, loads: dict[str, StepLoad]) -> dict[str, float]:
         """Each client's part of a step: what the step time model predicts its requests cost beyond the step's fixed
         costs (a decode at a long context costs more than one at a short one), else its tokens."""
-        loads = plan.loads_per_client()
         if self.step_time.ready:
-            work = {client: self.step_time.variable_cost(load) for client, load in loads.items()}
+            cost = self.step_time.cost()
+            work = {client: cost.variable(load) for client, load in loads.items()}
             if sum(work.values()) > 0:
                 return work
         return {client: float(load.num_tokens) for client, load in loads.items()}
@@ -359,6 +365,7 @@ class Scheduler:
         `assumed`: the step's progress was counted when it launched (`assume_progress`); here its pending tokens
         become known, also for a request preempted since (it keeps the token for when it resumes)."""
         finished: list[Request] = []
+        forks_waiting = self.forks_waiting
         for item in plan.scheduled:
             request = item.request
             if assumed and item.samples and request.num_pending_tokens:
@@ -371,7 +378,8 @@ class Scheduler:
             else:
                 request.num_computed_tokens += item.num_tokens
                 self.block_manager.cache_full_blocks(request)
-            if request.request_id in self.forks_waiting and request.num_computed_tokens >= request.num_prompt_tokens:
+            if (forks_waiting and request.request_id in forks_waiting
+                    and request.num_computed_tokens >= request.num_prompt_tokens):
                 self._release_forks(request)
             token = sampled.get(request.request_id)
             if token is None:

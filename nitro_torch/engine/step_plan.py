@@ -43,7 +43,11 @@ class StepPlan:
     def loads_per_client(self) -> dict[str, StepLoad]:
         loads: dict[str, StepLoad] = {}
         for item in self.scheduled:
-            loads.setdefault(item.request.client, StepLoad()).add(item.start_position, item.num_tokens)
+            client = item.request.client
+            load = loads.get(client)
+            if load is None:
+                load = loads[client] = StepLoad()
+            load.add(item.start_position, item.num_tokens)
         return loads
 
     @property

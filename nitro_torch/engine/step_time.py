@@ -19,6 +19,7 @@ cost, and a one-off stall (a first forward, the machine's other work) is gone on
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 CPU_MAX_STEP_TIME_S = 0.25
@@ -30,6 +31,9 @@ ones up to 15 %; 512 tokens take about 1.5 s there."""
 PER_KIND = 4
 MAX_KINDS = 64
 REBUILD_EVERY = 4096
+REFIT_AFTER_S = 0.05
+"""Seconds of observed steps after which a prediction refits: a fit is ~0.1 ms of Python, so refitting after every
+short step (a few ms of decodes) would cost the engine several percent, while any step this long refits at once."""
 MIN_OBSERVATIONS = 6
 """Steps seen before the limit applies: until then a step is filled as if there were none."""
 _SCALES = (1.0, 1.0, 1e-2, 1e-4, 1e-6)
@@ -60,30 +64,69 @@ class StepLoad:
     def add(self, start: int, num_tokens: int) -> None:
         self.num_tokens += num_tokens
         self.kv_tokens += start + num_tokens
+        if num_tokens == 1:  # a decode: reads its context once
+            self.attention_pairs += start + 1
+            return
         self.attention_pairs += num_tokens * start + num_tokens * (num_tokens + 1) // 2
-        self.has_prefill = self.has_prefill or num_tokens > 1
-
-    def plus(self, start: int, num_tokens: int) -> StepLoad:
-        load = StepLoad(self.num_tokens, self.kv_tokens, self.attention_pairs, self.has_prefill)
-        load.add(start, num_tokens)
-        return load
+        self.has_prefill = True
 
     def features(self) -> tuple[float, ...]:
         raw = (1.0, float(self.has_prefill), self.num_tokens, self.kv_tokens, self.attention_pairs)
         return tuple(value * scale for value, scale in zip(raw, _SCALES))
 
+    @staticmethod
+    def total(loads: Iterable[StepLoad]) -> StepLoad:
+        load = StepLoad()
+        for part in loads:
+            load.num_tokens += part.num_tokens
+            load.kv_tokens += part.kv_tokens
+            load.attention_pairs += part.attention_pairs
+            load.has_prefill = load.has_prefill or part.has_prefill
+        return load
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """A fitted step time model as seconds per unit of each part of a step's load."""
+
+    fixed: float = 0.0
+    prefill: float = 0.0
+    """Added once when the step holds a prompt chunk."""
+    per_token: float = 0.0
+    per_kv_token: float = 0.0
+    per_pair: float = 0.0
+
+    def of(self, load: StepLoad) -> float:
+        return self.fixed + self.prefill * load.has_prefill + self.variable(load)
+
+    def variable(self, load: StepLoad) -> float:
+        """The seconds of `load` beyond a step's fixed costs."""
+        return (self.per_token * load.num_tokens + self.per_kv_token * load.kv_tokens
+                + self.per_pair * load.attention_pairs)
+
+    def added(self, load: StepLoad, start: int, num_tokens: int) -> float:
+        """The seconds that `num_tokens` more tokens from position `start` add to a step of `load`, without
+        building the bigger load (the scheduler asks this for every request of every step)."""
+        if num_tokens == 1:  # a decode
+            return self.per_token + (self.per_kv_token + self.per_pair) * (start + 1)
+        extra = (self.per_token * num_tokens + self.per_kv_token * (start + num_tokens)
+                 + self.per_pair * (num_tokens * start + num_tokens * (num_tokens + 1) // 2))
+        return extra if load.has_prefill else extra + self.prefill
+
 
 class StepTimeModel:
     """Seconds per step as a non-negative linear function of `StepLoad.features`, refit as steps are observed.
 
-    The normal equations' sums are kept up to date as observations come and go, so a fit is a 5x5 solve."""
+    The normal equations' sums are kept up to date as observations come and go, so a fit is a 5x5 solve; it runs
+    when a prediction is asked for after `REFIT_AFTER_S` of newly observed steps (or before any fit)."""
 
     def __init__(self) -> None:
         self._kinds: OrderedDict[tuple[bool, int, int], deque[tuple[tuple[float, ...], float]]] = OrderedDict()
         self._observed = 0
         self._gram = [[0.0] * _SIZE for _ in range(_SIZE)]
         self._moments = [0.0] * _SIZE
-        self._coefficients: list[float] | None = None
+        self._cost: StepCost | None = None
+        self._seconds_since_fit = 0.0
 
     @property
     def ready(self) -> bool:
@@ -106,6 +149,7 @@ class StepTimeModel:
         kept.append(observation)
         self._account(observation, 1.0)
         self._observed += 1
+        self._seconds_since_fit += seconds
         if self._observed % REBUILD_EVERY == 0:
             self._rebuild()
 
@@ -121,18 +165,24 @@ class StepTimeModel:
         features, seconds = observation
         for a in range(_SIZE):
             self._moments[a] += sign * features[a] * seconds
+            row, weight = self._gram[a], sign * features[a]
             for b in range(_SIZE):
-                self._gram[a][b] += sign * features[a] * features[b]
-        self._coefficients = None
+                row[b] += weight * features[b]
+
+    def cost(self) -> StepCost:
+        """The current fit (refit first when enough has been observed since the last one)."""
+        if self._cost is None or self._seconds_since_fit >= REFIT_AFTER_S:
+            coefficients = [c * scale for c, scale in zip(self._fit(), _SCALES)]
+            self._cost = StepCost(*coefficients)
+            self._seconds_since_fit = 0.0
+        return self._cost
 
     def predict(self, load: StepLoad) -> float:
-        if self._coefficients is None:
-            self._coefficients = self._fit()
-        return sum(c * x for c, x in zip(self._coefficients, load.features()))
+        return self.cost().of(load)
 
     def variable_cost(self, load: StepLoad) -> float:
         """The predicted seconds of `load` beyond a step's fixed costs."""
-        return self.predict(load) - self.predict(StepLoad(has_prefill=load.has_prefill))
+        return self.cost().variable(load)
 
     def _fit(self) -> list[float]:
         """Least squares with an active set: a feature whose coefficient comes out negative is dropped and the
@@ -182,12 +232,14 @@ class StepTimeLimit:
         self.limit_s = limit_s
         self.min_prefill_tokens = min_prefill_tokens
         self.load = StepLoad()
+        self._cost = model.cost()
+        self._predicted_s = self._cost.of(self.load)
         self._has_prompt_or_joiner = False
 
     def grant(self, start: int, wanted: int, joining: bool = False) -> int:
         """How many of `wanted` tokens (from position `start`) may run in this step: all, a prompt chunk cut to
         fit, or 0 (the request takes its turn in a later step). `joining`: a waiting request, not yet running."""
-        if self._fits(start, wanted):
+        if self._predicted_s + self._cost.added(self.load, start, wanted) <= self.limit_s:
             return wanted
         if wanted == 1 and not joining:  # a decode
             return 0 if self.load.num_tokens else 1
@@ -198,11 +250,12 @@ class StepTimeLimit:
         return 0 if self._has_prompt_or_joiner else floor
 
     def take(self, start: int, num_tokens: int, joining: bool = False) -> None:
+        self._predicted_s += self._cost.added(self.load, start, num_tokens)
         self.load.add(start, num_tokens)
         self._has_prompt_or_joiner = self._has_prompt_or_joiner or joining or num_tokens > 1
 
     def _fits(self, start: int, num_tokens: int) -> bool:
-        return self.model.predict(self.load.plus(start, num_tokens)) <= self.limit_s
+        return self._predicted_s + self._cost.added(self.load, start, num_tokens) <= self.limit_s
 
     def _largest_fit(self, start: int, wanted: int) -> int:
         low, high = 0, wanted  # fits(low) or low == 0; not fits(high)

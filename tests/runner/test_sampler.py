@@ -250,6 +250,27 @@ def test_greedy_pick_is_max_with_its_first_index(vocab: int) -> None:
     assert torch.equal(token_ids, logits.argmax(dim=-1))
 
 
+@pytest.mark.parametrize("vocab", [49152, 4099])
+def test_the_host_pick_gives_the_blocked_picks_tokens_and_flags_broken_rows(vocab: int) -> None:
+    """The sampler picks few rows through numpy and many through torch's blocked max: the same tokens either way."""
+    from nitro_torch.runner.sampler import INVALID_TOKEN, greedy_pick, host_greedy_ids
+
+    logits = torch.randn(200, vocab, generator=torch.Generator().manual_seed(vocab))
+    logits[1, 5] = logits[1, vocab - 3] = 99.0
+    logits[2, 7] = logits[2, 8] = 99.0
+    logits[3] = float("-inf")
+    logits[4, vocab // 2] = float("nan")
+    logits[5, 11] = float("inf")
+    logits[6] = logits[6].round()
+    row_max, picked = greedy_pick(logits)
+    expected = [t if math.isfinite(m) else INVALID_TOKEN for t, m in zip(picked.tolist(), row_max.tolist())]
+    assert expected[3:6] == [INVALID_TOKEN] * 3
+    assert host_greedy_ids(logits) == expected
+    greedy = [make_request(f"r{i}", temperature=0.0) for i in range(200)]
+    for rows in (1, 9, 200):  # the host pick, then torch's
+        assert token_ids(Sampler(CPU).sample(logits[:rows], greedy[:rows], all_plain_greedy=True)) == expected[:rows]
+
+
 def test_sampling_columns_are_kept_while_the_batch_is_the_same() -> None:
     sampler = Sampler(torch.device("cpu"))
     hot = Request("hot", [1], SamplingParams(temperature=0.7, top_p=0.9, seed=3))
