@@ -104,14 +104,14 @@ class StepCost:
         return (self.per_token * load.num_tokens + self.per_kv_token * load.kv_tokens
                 + self.per_pair * load.attention_pairs)
 
-    def added(self, load: StepLoad, start: int, num_tokens: int) -> float:
-        """The seconds that `num_tokens` more tokens from position `start` add to a step of `load`, without
-        building the bigger load (the scheduler asks this for every request of every step)."""
+    def added(self, start: int, num_tokens: int, has_prefill: bool) -> float:
+        """The seconds that `num_tokens` more tokens from position `start` add to a step (which `has_prefill`
+        already or not), without building the bigger load: the scheduler asks this for every request of every step."""
         if num_tokens == 1:  # a decode
             return self.per_token + (self.per_kv_token + self.per_pair) * (start + 1)
         extra = (self.per_token * num_tokens + self.per_kv_token * (start + num_tokens)
                  + self.per_pair * (num_tokens * start + num_tokens * (num_tokens + 1) // 2))
-        return extra if load.has_prefill else extra + self.prefill
+        return extra if has_prefill else extra + self.prefill
 
 
 class StepTimeModel:
@@ -231,18 +231,23 @@ class StepTimeLimit:
         self.model = model
         self.limit_s = limit_s
         self.min_prefill_tokens = min_prefill_tokens
-        self.load = StepLoad()
         self._cost = model.cost()
-        self._predicted_s = self._cost.of(self.load)
+        self._predicted_s = self._cost.fixed
+        self._has_prefill = False
+        self._is_empty = True
         self._has_prompt_or_joiner = False
+        self._last_grant = (-1, 0, 0.0)
+        """(start, tokens, seconds) of the last full grant: `take` usually follows it with the same request."""
 
     def grant(self, start: int, wanted: int, joining: bool = False) -> int:
         """How many of `wanted` tokens (from position `start`) may run in this step: all, a prompt chunk cut to
         fit, or 0 (the request takes its turn in a later step). `joining`: a waiting request, not yet running."""
-        if self._predicted_s + self._cost.added(self.load, start, wanted) <= self.limit_s:
+        extra = self._cost.added(start, wanted, self._has_prefill)
+        if self._predicted_s + extra <= self.limit_s:
+            self._last_grant = (start, wanted, extra)
             return wanted
         if wanted == 1 and not joining:  # a decode
-            return 0 if self.load.num_tokens else 1
+            return 0 if not self._is_empty else 1
         floor = min(wanted, self.min_prefill_tokens)
         chunk = self._largest_fit(start, wanted)
         if chunk >= floor:
@@ -250,12 +255,17 @@ class StepTimeLimit:
         return 0 if self._has_prompt_or_joiner else floor
 
     def take(self, start: int, num_tokens: int, joining: bool = False) -> None:
-        self._predicted_s += self._cost.added(self.load, start, num_tokens)
-        self.load.add(start, num_tokens)
+        last_start, last_tokens, extra = self._last_grant
+        if (last_start, last_tokens) != (start, num_tokens):
+            extra = self._cost.added(start, num_tokens, self._has_prefill)
+        self._predicted_s += extra
+        self._is_empty = False
+        if num_tokens > 1:
+            self._has_prefill = True
         self._has_prompt_or_joiner = self._has_prompt_or_joiner or joining or num_tokens > 1
 
     def _fits(self, start: int, num_tokens: int) -> bool:
-        return self._predicted_s + self._cost.added(self.load, start, num_tokens) <= self.limit_s
+        return self._predicted_s + self._cost.added(start, num_tokens, self._has_prefill) <= self.limit_s
 
     def _largest_fit(self, start: int, wanted: int) -> int:
         low, high = 0, wanted  # fits(low) or low == 0; not fits(high)

@@ -13,6 +13,7 @@ from nitro_torch.engine.step_time import (
     MIN_OBSERVATIONS,
     MIN_PREFILL_TOKENS,
     PER_KIND,
+    REFIT_AFTER_S,
     StepLoad,
     StepTimeLimit,
     StepTimeModel,
@@ -85,6 +86,24 @@ def test_coefficients_stay_non_negative() -> None:
     for tokens in range(1, 9):  # nonsense: bigger steps faster
         model.observe(decodes(tokens, 100), 0.1 - 0.005 * tokens)
     assert all(model.predict(decodes(n, c)) >= 0 for n in (1, 64, 1000) for c in (1, 10_000))
+
+
+def test_what_a_request_adds_to_a_step_is_the_difference_of_the_predictions() -> None:
+    cost = trained_model().cost()
+    for items, start, num_tokens in [((), 2000, 1), (((3000, 1),), 100, 1), (((3000, 1),), 512, 256),
+                                     (((0, 300),), 512, 256), (((0, 300), (40, 1)), 7, 1)]:
+        load = load_of(*items)
+        bigger = load_of(*items, (start, num_tokens))
+        assert cost.added(start, num_tokens, load.has_prefill) == pytest.approx(cost.of(bigger) - cost.of(load))
+
+
+def test_the_model_refits_after_enough_newly_observed_step_time() -> None:
+    model = trained_model()
+    before = model.predict(decodes(8, 2000))
+    model.observe(decodes(8, 2000), 0.001)  # a short step: the fit waits for more
+    assert model.predict(decodes(8, 2000)) == before
+    model.observe(decodes(8, 2000), REFIT_AFTER_S)
+    assert model.predict(decodes(8, 2000)) != before
 
 
 def test_the_default_is_a_quarter_second_on_a_cpu_and_off_on_cuda() -> None:
