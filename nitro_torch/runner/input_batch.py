@@ -38,6 +38,8 @@ class HostBatch:
     num_decodes: int = 0
     decode_tables: Ints = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
     decode_context_lens: Ints = field(default_factory=_empty)
+    decode_first_block: int | None = None
+    """With one decode row: its first block when all its blocks follow each other (None otherwise)."""
     prefill_query_starts: list[int] = field(default_factory=list)
     """Row of each chunk's first token in the packed batch (after the decodes)."""
     prefill_query_lens: list[int] = field(default_factory=list)

@@ -11,7 +11,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from transformers import PreTrainedModel
 
@@ -54,13 +53,6 @@ class LaunchedStep:
     tokens: TokensInFlight | None
     output: ModelRunnerOutput | None = None
     """Set once the tokens are known on the host."""
-
-
-def first_of_consecutive(block_ids: np.ndarray) -> int | None:
-    """The first block id when the ids follow each other (a run of the cache), else None."""
-    if block_ids.size == 0 or (block_ids.size > 1 and not bool((np.diff(block_ids) == 1).all())):
-        return None
-    return int(block_ids[0])
 
 
 def _fill_pending(token_ids: torch.Tensor, batch: HostBatch, previous: LaunchedStep | None) -> None:
@@ -276,7 +268,7 @@ class ModelRunner:
             metadata.decode_context_lens = tensors["decode_context_lens"]
             if batch.num_decodes == 1:
                 metadata.single_decode_len = max(1, int(batch.decode_context_lens[0]))
-                metadata.single_decode_first_block = first_of_consecutive(batch.decode_tables[0])
+                metadata.single_decode_first_block = batch.decode_first_block
                 if batch.num_tokens == 1:
                     metadata.single_decode_slot = int(batch.slots[0])
         if batch.prefill_query_lens:

@@ -19,6 +19,7 @@ from nitro_torch.sampling import SamplingParams
 _INITIAL_ROWS = 8
 _INITIAL_TOKENS = 512
 _NEVER = np.iinfo(np.int64).max
+_NO_RUN = -1
 _FEW_ROWS = 4
 """Up to this many decode rows, scalar reads beat vectorized ops (each numpy call costs microseconds)."""
 
@@ -78,6 +79,9 @@ class PersistentBatch(Mapping[str, RequestState]):
         """Tokens sampled in a step still in flight (asynchronous scheduling), not yet in `token_ids`."""
         self.plain_greedy_at = np.zeros(_INITIAL_ROWS, dtype=np.int64)
         """Token count from which the row samples by a plain argmax (_NEVER: it never does)."""
+        self.block_run_start = np.full(_INITIAL_ROWS, _NO_RUN, dtype=np.int64)
+        """The row's first block when its blocks follow each other (one run of the cache, which a lone decode reads
+        as a slice), else _NO_RUN: kept as blocks join, so no step compares a whole table."""
         self._free_rows: list[int] = list(range(_INITIAL_ROWS - 1, -1, -1))
         self._last_step: tuple[SchedulerOutput | None, list[str], np.ndarray] = (None, [], np.zeros(0, np.int64))
         """The step `inputs` gathered last, its request ids and rows: `record` of the same step reuses them."""
@@ -108,6 +112,11 @@ class PersistentBatch(Mapping[str, RequestState]):
             self._fit(row + 1, (start + len(block_ids)) * self.block_size)
             self.block_table[row, start:start + len(block_ids)] = block_ids
             self.num_blocks[row] = start + len(block_ids)
+            run_start = int(self.block_run_start[row])
+            if start == 0:
+                self.block_run_start[row] = _run_start(block_ids)
+            elif run_start != _NO_RUN and _run_start(block_ids) != run_start + start:
+                self.block_run_start[row] = _NO_RUN
 
     def record(self, step: SchedulerOutput, sampled: Mapping[str, int]) -> None:
         """After a step's forward and sampling: computed counts advance; each sampled token joins its request."""
@@ -175,6 +184,7 @@ class PersistentBatch(Mapping[str, RequestState]):
         self.block_table[row] = 0
         self.block_table[row, :num_blocks] = new.block_ids
         self.num_blocks[row] = num_blocks
+        self.block_run_start[row] = _run_start(new.block_ids)
         plain_from = new.params.plain_greedy_from
         self.plain_greedy_at[row] = _NEVER if plain_from is None else new.num_prompt_tokens + plain_from
         self._row_of[new.request_id] = row
@@ -198,6 +208,7 @@ class PersistentBatch(Mapping[str, RequestState]):
         self.num_blocks = _grown(self.num_blocks, (new_rows,))
         self.num_pending = _grown(self.num_pending, (new_rows,))
         self.plain_greedy_at = _grown(self.plain_greedy_at, (new_rows,))
+        self.block_run_start = _grown(self.block_run_start, (new_rows,))
         self._free_rows = list(range(new_rows - 1, old_rows - 1, -1)) + self._free_rows
 
     def _rows(self, by_request: Mapping[str, int]) -> np.ndarray:
@@ -258,6 +269,8 @@ class PersistentBatch(Mapping[str, RequestState]):
                           slots=self._slots(rows, positions), num_decodes=len(ids),
                           decode_tables=self.block_table[rows, :int(self.num_blocks[rows].max())],
                           decode_context_lens=context_lens)
+        if len(ids) == 1:
+            batch.decode_first_block = _run_or_none(int(self.block_run_start[rows[0]]))
         pending = positions >= known  # the token was sampled in the step in flight: the device fills it in
         if pending.any():
             batch.pending_rows = np.flatnonzero(pending).tolist()
@@ -292,6 +305,8 @@ class PersistentBatch(Mapping[str, RequestState]):
             num_decodes=len(ids),
             decode_tables=tables,
             decode_context_lens=np.array([pos + 1 for pos in positions], dtype=np.int64))
+        if len(rows) == 1:
+            batch.decode_first_block = _run_or_none(int(self.block_run_start[rows[0]]))
         plain = True
         for index, (row, pos, count) in enumerate(zip(rows, positions, known)):
             if pos >= count:  # sampled in the step in flight: the device fills it in
@@ -308,6 +323,18 @@ class PersistentBatch(Mapping[str, RequestState]):
     def _slots(self, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
         bs = self.block_size
         return self.block_table[rows, positions // bs] * bs + positions % bs
+
+
+def _run_start(block_ids: list[int]) -> int:
+    """The first of `block_ids` when they follow each other, else _NO_RUN."""
+    if not block_ids:
+        return _NO_RUN
+    first = block_ids[0]
+    return first if all(b == first + i for i, b in enumerate(block_ids)) else _NO_RUN
+
+
+def _run_or_none(run_start: int) -> int | None:
+    return None if run_start == _NO_RUN else run_start
 
 
 def _grown(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -188,3 +188,36 @@ def test_the_plain_greedy_hint_agrees_with_each_rows_parameters(num_rows: int) -
         batch.apply(step)
         inputs = batch.inputs(step)
         assert inputs.all_plain_greedy == all(_is_plain_greedy(s) for s in inputs.sampling), special
+
+
+def test_a_lone_decode_knows_whether_its_blocks_are_one_run_as_blocks_join() -> None:
+    """Its first block when the blocks follow each other (attention then reads one slice), else None."""
+    from nitro_torch.runner.scheduler_output import NewRequest, SchedulerOutput
+
+    batch = PersistentBatch(BS)
+    params = SamplingParams(max_tokens=8, temperature=0)
+
+    def decode_of(request_id: str, step: SchedulerOutput) -> HostBatch:
+        step.num_scheduled_tokens = {request_id: 1}
+        batch.apply(step)
+        inputs = batch.inputs(step)
+        batch.record(step, {request_id: 3})
+        return inputs
+
+    join = SchedulerOutput(new_requests=[NewRequest("a", list(range(8)), 8, params, frozenset(), [40, 41], 7)])
+    assert decode_of("a", join).decode_first_block == 40
+    assert decode_of("a", SchedulerOutput(new_block_ids={"a": [42, 43]})).decode_first_block == 40  # still one run
+    assert decode_of("a", SchedulerOutput(new_block_ids={"a": [7]})).decode_first_block is None  # broken
+    assert decode_of("a", SchedulerOutput(new_block_ids={"a": [8]})).decode_first_block is None  # stays broken
+    scattered = NewRequest("b", list(range(8)), 8, params, frozenset(), [5, 9], 7)
+    again = SchedulerOutput(finished_request_ids=["a"], new_requests=[scattered])  # b takes a's freed row
+    assert decode_of("b", again).decode_first_block is None
+    rejoin = SchedulerOutput(finished_request_ids=["b"],
+                             new_requests=[NewRequest("c", list(range(5)), 5, params, frozenset(), [60, 61], 4)])
+    assert decode_of("c", rejoin).decode_first_block == 60
+    for rows in (2, 9):  # several decodes: no lone row to read as a slice
+        many = SchedulerOutput(new_requests=[NewRequest(f"m{rows}-{i}", [1, 2], 2, params, frozenset(), [200 + i], 1)
+                                             for i in range(rows)])
+        many.num_scheduled_tokens = {new.request_id: 1 for new in many.new_requests}
+        batch.apply(many)
+        assert batch.inputs(many).decode_first_block is None
