@@ -269,9 +269,9 @@ class EngineCore:
         outputs = [self._fail(request, error) for request, error in failed]
         requests, grammar_complete = self.requests, result.grammar_complete
         for request_id, token in result.sampled.items():
-            request = requests.get(request_id)
-            if request is None:
+            if request_id not in requests:
                 continue  # ended while its step was in flight: the token is dropped
+            request = requests[request_id]
             ended_on_stop_token = request.finish_reason is FinishReason.STOP
             if grammar_complete and request_id in grammar_complete:  # a no-op when a stop token ended it
                 self.scheduler.finish(request, FinishReason.STOP)

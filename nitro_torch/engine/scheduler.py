@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
+from operator import attrgetter
 
 from nitro_torch.engine.block_manager import BlockManager, PrefixHit
 from nitro_torch.engine.fair_share import ClientTracker, StepShares, tokens_wanted
@@ -131,12 +132,7 @@ class Scheduler:
     def _fill(self, plan: StepPlan, shares: StepShares | None, limit: StepTimeLimit | None) -> None:
         """Running requests first, then waiting ones, within the step's token budget, shares and time limit."""
         budget = self.max_num_batched_tokens
-        if shares is None and limit is None:  # decodes first
-            order = sorted(self.running, key=lambda r: tokens_wanted(r) > 1)
-        elif shares is None:  # decodes first; as not all may fit, each least recently served first
-            order = sorted(self.running, key=lambda r: (tokens_wanted(r) > 1, r.last_served))
-        else:
-            order = shares.running_order(self.running)
+        order, limit_each = self._running_order(shares, limit)
         for request in order:
             if budget == 0:
                 break
@@ -151,24 +147,41 @@ class Scheduler:
                 num_new = shares.grant(request.client, num_new)
                 if num_new == 0:
                     continue  # the client has had its share of this step
-            if limit is not None:
-                num_new = limit.grant(start, num_new)
+            if limit_each is not None:
+                num_new = limit_each.grant(start, num_new)
                 if num_new == 0:
                     continue  # it takes its turn in a later step
             if not self._make_room(request, num_new, plan, shares):
                 continue
             plan.scheduled.append(ScheduledRequest(request, num_new, start))
-            if limit is not None:
-                limit.take(start, num_new)
+            if limit_each is not None:
+                limit_each.take(start, num_new)
             if shares is not None:
                 shares.take(request.client, num_new)
             request.last_served = self._serve_ticket()
             budget -= num_new
+        if limit is not None and limit_each is None:  # every running decode fitted: count them in at once
+            limit.take_decodes(len(plan.scheduled), sum(item.start_position for item in plan.scheduled))
         if not plan.preempted:
             if shares is None:
                 self._admit_waiting(plan, budget, limit)
             else:
                 self._admit_waiting_fairly(plan, budget, shares, limit)
+
+    def _running_order(self, shares: StepShares | None, limit: StepTimeLimit | None
+                       ) -> tuple[list[Request], StepTimeLimit | None]:
+        """The order running requests are offered the step in, and the time limit each must ask (None when there
+        is none, or when every running request is a decode and all of them fit: the usual step)."""
+        if shares is not None:
+            return shares.running_order(self.running), limit
+        decodes = [r for r in self.running if tokens_wanted(r) <= 1]
+        others = [r for r in self.running if tokens_wanted(r) > 1] if len(decodes) < len(self.running) else []
+        if limit is None:  # decodes first
+            return decodes + others, None
+        if not others and limit.fits_decodes(len(decodes), sum(r.num_computed_tokens for r in decodes)):
+            return decodes, None
+        served = attrgetter("last_served")  # not all may fit: each least recently served first
+        return sorted(decodes, key=served) + sorted(others, key=served), limit
 
     def _runner_view(self, plan: StepPlan) -> SchedulerOutput:
         step = SchedulerOutput(finished_request_ids=self._left_runner, block_copies=plan.block_copies)

@@ -35,21 +35,29 @@ class StepPlan:
         return sum(s.num_tokens for s in self.scheduled)
 
     def load(self) -> StepLoad:
-        load = StepLoad()
-        for item in self.scheduled:
-            load.add(item.start_position, item.num_tokens)
-        return load
+        return load_of(self.scheduled)
 
     def loads_per_client(self) -> dict[str, StepLoad]:
-        loads: dict[str, StepLoad] = {}
+        clients = {item.request.client for item in self.scheduled}
+        if len(clients) == 1:  # the usual step: no grouping
+            return {clients.pop(): self.load()}
+        per_client: dict[str, list[ScheduledRequest]] = {}
         for item in self.scheduled:
-            client = item.request.client
-            load = loads.get(client)
-            if load is None:
-                load = loads[client] = StepLoad()
-            load.add(item.start_position, item.num_tokens)
-        return loads
+            per_client.setdefault(item.request.client, []).append(item)
+        return {client: load_of(items) for client, items in per_client.items()}
 
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+
+def load_of(items: list[ScheduledRequest]) -> StepLoad:
+    """What `items` compute together, summed in a few passes (this runs after every step, over every request)."""
+    counts = [item.num_tokens for item in items]
+    starts = [item.start_position for item in items]
+    num_tokens = sum(counts)
+    kv_tokens = sum(starts) + num_tokens
+    if num_tokens == len(items):  # decodes only: each reads its context once
+        return StepLoad(num_tokens, kv_tokens, kv_tokens, False)
+    pairs = sum(n * start + n * (n + 1) // 2 for n, start in zip(counts, starts))
+    return StepLoad(num_tokens, kv_tokens, pairs, True)

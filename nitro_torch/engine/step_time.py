@@ -104,11 +104,16 @@ class StepCost:
         return (self.per_token * load.num_tokens + self.per_kv_token * load.kv_tokens
                 + self.per_pair * load.attention_pairs)
 
+    def decodes(self, count: int, sum_of_starts: int) -> float:
+        """The seconds that `count` decodes add to a step, from positions that sum to `sum_of_starts` (each reads its
+        context and the token it adds)."""
+        return self.per_token * count + (self.per_kv_token + self.per_pair) * (sum_of_starts + count)
+
     def added(self, start: int, num_tokens: int, has_prefill: bool) -> float:
         """The seconds that `num_tokens` more tokens from position `start` add to a step (which `has_prefill`
         already or not), without building the bigger load: the scheduler asks this for every request of every step."""
-        if num_tokens == 1:  # a decode
-            return self.per_token + (self.per_kv_token + self.per_pair) * (start + 1)
+        if num_tokens == 1:
+            return self.decodes(1, start)
         extra = (self.per_token * num_tokens + self.per_kv_token * (start + num_tokens)
                  + self.per_pair * (num_tokens * start + num_tokens * (num_tokens + 1) // 2))
         return extra if has_prefill else extra + self.prefill
@@ -263,6 +268,15 @@ class StepTimeLimit:
         if num_tokens > 1:
             self._has_prefill = True
         self._has_prompt_or_joiner = self._has_prompt_or_joiner or joining or num_tokens > 1
+
+    def fits_decodes(self, count: int, sum_of_starts: int) -> bool:
+        """Whether `count` decodes (positions summing to `sum_of_starts`) all fit: then none needs a `grant`."""
+        return self._predicted_s + self._cost.decodes(count, sum_of_starts) <= self.limit_s
+
+    def take_decodes(self, count: int, sum_of_starts: int) -> None:
+        """`take` of `count` decodes at once."""
+        self._predicted_s += self._cost.decodes(count, sum_of_starts)
+        self._is_empty = self._is_empty and count == 0
 
     def _fits(self, start: int, num_tokens: int) -> bool:
         return self._predicted_s + self._cost.added(start, num_tokens, self._has_prefill) <= self.limit_s

@@ -121,6 +121,20 @@ def test_the_limit_takes_decodes_until_the_step_is_full() -> None:
     assert cpu_like_cost(decodes(granted, 3000)) <= 0.25 < cpu_like_cost(decodes(granted + 1, 3000))
 
 
+def test_decodes_taken_at_once_leave_the_limit_where_taking_each_does() -> None:
+    """The scheduler takes a step's decodes at once when all of them fit: what is left must be the same."""
+    one_by_one, at_once = (StepTimeLimit(trained_model(), 0.25, MIN_PREFILL_TOKENS) for _ in range(2))
+    starts = [2900, 10, 3000, 700]
+    assert at_once.fits_decodes(len(starts), sum(starts))
+    assert not at_once.fits_decodes(64, 64 * 3000)
+    for start in starts:
+        one_by_one.take(start, 1)
+    at_once.take_decodes(len(starts), sum(starts))
+    for start, wanted in [(0, 4000), (3000, 1), (512, 600)]:
+        assert at_once.grant(start, wanted, joining=True) == one_by_one.grant(start, wanted, joining=True)
+    assert at_once.grant(3000, 1) == one_by_one.grant(3000, 1) == 1  # neither is empty, and one more fits
+
+
 def test_the_first_request_of_a_step_always_runs() -> None:
     limit = StepTimeLimit(trained_model(), 0.001, MIN_PREFILL_TOKENS)
     assert limit.grant(3000, 1) == 1
