@@ -117,6 +117,8 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
+        if len(self.clients.live) == 1:
+            plan.only_client = next(iter(self.clients.live))
         shares = self._step_shares()
         limit = self._step_time_limit()
         self._fill(plan, shares, limit)

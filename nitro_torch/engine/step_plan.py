@@ -29,6 +29,8 @@ class StepPlan:
     """KV blocks to copy (source, destination) before the forward."""
     for_runner: SchedulerOutput = field(default_factory=SchedulerOutput)
     """The step as the runner gets it: data only."""
+    only_client: str | None = None
+    """The one client that had requests when the step was planned (None: several), so its loads need no grouping."""
 
     @property
     def num_tokens(self) -> int:
@@ -38,9 +40,8 @@ class StepPlan:
         return load_of(self.scheduled)
 
     def loads_per_client(self) -> dict[str, StepLoad]:
-        clients = {item.request.client for item in self.scheduled}
-        if len(clients) == 1:  # the usual step: no grouping
-            return {clients.pop(): self.load()}
+        if self.only_client is not None:
+            return {self.only_client: self.load()}
         per_client: dict[str, list[ScheduledRequest]] = {}
         for item in self.scheduled:
             per_client.setdefault(item.request.client, []).append(item)
