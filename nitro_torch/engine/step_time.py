@@ -64,11 +64,8 @@ class StepLoad:
     def add(self, start: int, num_tokens: int) -> None:
         self.num_tokens += num_tokens
         self.kv_tokens += start + num_tokens
-        if num_tokens == 1:  # a decode: reads its context once
-            self.attention_pairs += start + 1
-            return
         self.attention_pairs += num_tokens * start + num_tokens * (num_tokens + 1) // 2
-        self.has_prefill = True
+        self.has_prefill = self.has_prefill or num_tokens > 1
 
     def features(self) -> tuple[float, ...]:
         raw = (1.0, float(self.has_prefill), self.num_tokens, self.kv_tokens, self.attention_pairs)
@@ -185,10 +182,6 @@ class StepTimeModel:
     def predict(self, load: StepLoad) -> float:
         return self.cost().of(load)
 
-    def variable_cost(self, load: StepLoad) -> float:
-        """The predicted seconds of `load` beyond a step's fixed costs."""
-        return self.cost().variable(load)
-
     def _fit(self) -> list[float]:
         """Least squares with an active set: a feature whose coefficient comes out negative is dropped and the
         rest refit, until all are non-negative."""
@@ -241,18 +234,14 @@ class StepTimeLimit:
         self._has_prefill = False
         self._is_empty = True
         self._has_prompt_or_joiner = False
-        self._last_grant = (-1, 0, 0.0)
-        """(start, tokens, seconds) of the last full grant: `take` usually follows it with the same request."""
 
     def grant(self, start: int, wanted: int, joining: bool = False) -> int:
         """How many of `wanted` tokens (from position `start`) may run in this step: all, a prompt chunk cut to
         fit, or 0 (the request takes its turn in a later step). `joining`: a waiting request, not yet running."""
-        extra = self._cost.added(start, wanted, self._has_prefill)
-        if self._predicted_s + extra <= self.limit_s:
-            self._last_grant = (start, wanted, extra)
+        if self._fits(start, wanted):
             return wanted
         if wanted == 1 and not joining:  # a decode
-            return 0 if not self._is_empty else 1
+            return 1 if self._is_empty else 0
         floor = min(wanted, self.min_prefill_tokens)
         chunk = self._largest_fit(start, wanted)
         if chunk >= floor:
@@ -260,10 +249,7 @@ class StepTimeLimit:
         return 0 if self._has_prompt_or_joiner else floor
 
     def take(self, start: int, num_tokens: int, joining: bool = False) -> None:
-        last_start, last_tokens, extra = self._last_grant
-        if (last_start, last_tokens) != (start, num_tokens):
-            extra = self._cost.added(start, num_tokens, self._has_prefill)
-        self._predicted_s += extra
+        self._predicted_s += self._cost.added(start, num_tokens, self._has_prefill)
         self._is_empty = False
         if num_tokens > 1:
             self._has_prefill = True
