@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from itertools import chain, zip_longest
 from typing import Protocol, TypeVar
 
+from nitro_torch.engine.step_time import StepCost, StepLoad
+
 
 class ClientRequest(Protocol):
     client: str
@@ -86,6 +88,16 @@ def _ahead_and_busier(seqs: Counter[str], service: AttainedService) -> frozenset
     behind = service.behind(seqs)
     most = max(seqs[c] for c in behind)
     return frozenset(c for c, n in seqs.items() if c not in behind and n > most)
+
+
+def work_per_client(loads: Mapping[str, StepLoad], cost: StepCost | None) -> dict[str, float]:
+    """Each client's part of a step: what `cost` (the step time model, once it predicts) says its requests cost
+    beyond the step's fixed costs (a decode at a long context costs more than one at a short one), else its tokens."""
+    if cost is not None:
+        work = {client: cost.variable(load) for client, load in loads.items()}
+        if sum(work.values()) > 0:
+            return work
+    return {client: float(load.num_tokens) for client, load in loads.items()}
 
 
 class AttainedService:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from operator import attrgetter
 
 from nitro_torch.engine.block_manager import BlockManager, PrefixHit
-from nitro_torch.engine.fair_share import ClientTracker, StepShares, tokens_wanted
+from nitro_torch.engine.fair_share import ClientTracker, StepShares, tokens_wanted, work_per_client
 from nitro_torch.engine.outputs import FinishReason
 from nitro_torch.engine.request import Request, RequestStatus
 from nitro_torch.engine.step_plan import ScheduledRequest, StepPlan
@@ -242,17 +242,8 @@ class Scheduler:
         if self.max_step_time_s > 0:
             self.step_time.observe(StepLoad.total(loads.values()), seconds)
         if charged:
-            self.clients.service.charge(self._work_per_client(loads), seconds)
-
-    def _work_per_client(self, loads: dict[str, StepLoad]) -> dict[str, float]:
-        """Each client's part of a step: what the step time model predicts its requests cost beyond the step's fixed
-        costs (a decode at a long context costs more than one at a short one), else its tokens."""
-        if self.step_time.ready:
-            cost = self.step_time.cost()
-            work = {client: cost.variable(load) for client, load in loads.items()}
-            if sum(work.values()) > 0:
-                return work
-        return {client: float(load.num_tokens) for client, load in loads.items()}
+            cost = self.step_time.cost() if self.step_time.ready else None
+            self.clients.service.charge(work_per_client(loads, cost), seconds)
 
     def _make_room(self, request: Request, num_new: int, plan: StepPlan, shares: StepShares | None = None) -> bool:
         """Allocate blocks for `request`, preempting newer requests if needed; False if it was preempted itself.
