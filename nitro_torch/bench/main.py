@@ -130,7 +130,8 @@ WORKLOADS: dict[str, Workload] = {
         Workload(
             name="chat-64",
             description="64 templated chats (prompts ~30-300 tokens), max_tokens uniform 16-128, EOS ignored, "
-            "greedy, all submitted at once; SmolLM2-135M-Instruct fp32 on CPU",
+            "greedy, all submitted at once; SmolLM2-135M-Instruct on CPU: the HF baselines and nitro-fp32 in "
+            "fp32, nitro with the server's default CPU weights (int4 for the default GGUF file)",
             resolve_model=resolve_default_model,
             build_requests=build_chat_requests,
             static_batch_size=16,
