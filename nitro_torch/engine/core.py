@@ -267,13 +267,12 @@ class EngineCore:
         self.scheduler.update(plan, {request_id: token.token_id for request_id, token in result.sampled.items()},
                               assumed)
         outputs = [self._fail(request, error) for request, error in failed]
-        requests, grammar_complete = self.requests, result.grammar_complete
         for request_id, token in result.sampled.items():
-            if request_id not in requests:
+            if request_id not in self.requests:
                 continue  # ended while its step was in flight: the token is dropped
-            request = requests[request_id]
+            request = self.requests[request_id]
             ended_on_stop_token = request.finish_reason is FinishReason.STOP
-            if grammar_complete and request_id in grammar_complete:  # a no-op when a stop token ended it
+            if request_id in result.grammar_complete:  # complete structure; a no-op when a stop token ended it
                 self.scheduler.finish(request, FinishReason.STOP)
             logprobs = [token.logprob] if token.logprob is not None else None
             outputs.append(self._output(request, [token.token_id], logprobs, ended_on_stop_token))

@@ -371,7 +371,6 @@ class Scheduler:
         `assumed`: the step's progress was counted when it launched (`assume_progress`); here its pending tokens
         become known, also for a request preempted since (it keeps the token for when it resumes)."""
         finished: list[Request] = []
-        forks_waiting = self.forks_waiting
         for item in plan.scheduled:
             request = item.request
             if assumed and item.samples and request.num_pending_tokens:
@@ -384,8 +383,7 @@ class Scheduler:
             else:
                 request.num_computed_tokens += item.num_tokens
                 self.block_manager.cache_full_blocks(request)
-            if (forks_waiting and request.request_id in forks_waiting
-                    and request.num_computed_tokens >= request.num_prompt_tokens):
+            if request.request_id in self.forks_waiting and request.num_computed_tokens >= request.num_prompt_tokens:
                 self._release_forks(request)
             token = sampled.get(request.request_id)
             if token is None:

@@ -226,7 +226,6 @@ class StepTimeLimit:
     alone does not (as far as the prediction goes)."""
 
     def __init__(self, model: StepTimeModel, limit_s: float, min_prefill_tokens: int) -> None:
-        self.model = model
         self.limit_s = limit_s
         self.min_prefill_tokens = min_prefill_tokens
         self._cost = model.cost()
