@@ -57,6 +57,7 @@ class ChatConfig:
 class CacheConfig:
     block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
     kv_cache_memory: float = field(default=1.0, metadata={"help": "GiB of KV cache on CPU"})
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "dtype of the KV cache; attention computes in it; auto = the model's dtype, except float16 for a float32 model with packed --cpu-weights (its activations are rounded to bfloat16 already; half the bytes to store and read, like llama.cpp's f16 cache)"})
     gpu_memory_utilization: float = field(default=0.90, metadata={"help": "share of GPU memory for weights + activations + KV cache"})
     num_kv_blocks: int | None = field(default=None, metadata={"help": "exact number of KV blocks (overrides the memory budget)"})
     prefix_caching: bool = field(default=True, metadata={"help": "reuse KV blocks of identical prompt prefixes"})

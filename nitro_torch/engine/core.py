@@ -26,7 +26,7 @@ from nitro_torch.runner.attention import set_attention_backend
 from nitro_torch.runner.guided import GuidedDecoder, logits_vocab_size
 from nitro_torch.runner.host_memory import reuse_large_allocations
 from nitro_torch.runner.kv_cache import GIB
-from nitro_torch.runner.memory import build_kv_cache, describe_capacity
+from nitro_torch.runner.memory import build_kv_cache, describe_capacity, kv_cache_dtype
 from nitro_torch.runner.model_runner import LaunchedStep, ModelRunner
 from nitro_torch.runner.parallel.group import current_ranks
 from nitro_torch.runner.parallel.messages import RunEmbed, rank_report
@@ -51,8 +51,9 @@ class EngineCore:
         """The tensor-parallel group, when this core's runner is rank 0 of several."""
         if config.model.tensor_parallel_size > 1 and self.ranks is None:
             raise RuntimeError("a tensor-parallel model needs its ranks started first (engine/loading.py)")
-        self.kv_cache = build_kv_cache(loaded.model, self.device, loaded.dtype, loaded.max_model_len, config,
-                                       self.ranks)
+        kv_dtype = kv_cache_dtype(config.cache.kv_cache_dtype, loaded.dtype, self.device,
+                                  packed_weights=not loaded.cpu_weights.exact)
+        self.kv_cache = build_kv_cache(loaded.model, self.device, kv_dtype, loaded.max_model_len, config, self.ranks)
         layout, num_blocks = self.kv_cache.layout, self.kv_cache.num_blocks
         self.max_model_len = min(loaded.max_model_len, self.kv_cache.capacity_tokens)
         if self.max_model_len < loaded.max_model_len:
@@ -131,6 +132,7 @@ class EngineCore:
         return EngineInfo(
             model_name=self.model_name, model_path=self.loaded.source_path, device=str(self.device),
             device_name=name, dtype=str(self.loaded.dtype).removeprefix("torch."),
+            kv_cache_dtype=str(self.kv_cache.layout.dtype).removeprefix("torch."),
             quantization=self.loaded.quantization, kv_capacity_tokens=self.kv_cache.capacity_tokens,
             kv_blocks_total=self.kv_cache.num_blocks, kv_block_size=self.kv_cache.layout.block_size,
             max_num_seqs=self.scheduler.max_num_seqs, max_model_len=self.max_model_len,

@@ -123,6 +123,7 @@ class EngineInfo(msgspec.Struct, frozen=True):
     """The GPU's name, or "cpu (N threads)"."""
     dtype: str
     quantization: str
+    kv_cache_dtype: str
     kv_capacity_tokens: int
     kv_blocks_total: int
     kv_block_size: int

@@ -253,12 +253,15 @@ def paged_attention_forward(
     q = query[0].transpose(0, 1)  # [T, H, D]
     k = key[0].transpose(0, 1)  # [T, KV, D]
     v = value[0].transpose(0, 1)
+    cache_dtype = meta.kv_cache.layout.dtype
+    if meta.write_kv and q.dtype != cache_dtype:  # --kv-cache-dtype: attend in the cache's dtype, fresh K/V too
+        q, k, v = q.to(cache_dtype), k.to(cache_dtype), v.to(cache_dtype)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     if _uses_kernels(q):
         out = _attend_with_kernels(meta, layer, q, k, v, scale, sliding_window, softcap)
     else:
         out = _attend_with_torch(meta, layer, q, k, v, scale, sliding_window, softcap)
-    return out.unsqueeze(0), None
+    return out.to(query.dtype).unsqueeze(0), None
 
 
 def _attend_with_torch(meta: AttentionMetadata, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

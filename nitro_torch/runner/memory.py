@@ -109,6 +109,16 @@ def num_kv_blocks(model: PreTrainedModel, layout: KVLayout, layer_devices: list[
     return blocks
 
 
+def kv_cache_dtype(choice: str, model_dtype: torch.dtype, device: torch.device, packed_weights: bool) -> torch.dtype:
+    """--kv-cache-dtype: `auto` is the model's dtype, except float16 for a float32 model whose packed CPU weights
+    round their activations to bfloat16 anyway: attention there is bound by the bytes of K/V it reads."""
+    if choice != "auto":
+        return getattr(torch, choice)  # type: ignore[no-any-return]  # one of the config's dtype names
+    if device.type == "cpu" and packed_weights and model_dtype == torch.float32:
+        return torch.float16
+    return model_dtype
+
+
 def build_kv_cache(model: PreTrainedModel, device: torch.device, dtype: torch.dtype, max_model_len: int,
                    config: Config, ranks: RankGroup | None = None) -> KVCache:
     """The paged KV cache of this process's model: each layer's K/V where that layer lives (--device-map auto), of

@@ -135,8 +135,9 @@ def startup_block(config: Config, engine: EngineClient | None, urls: list[str]) 
             row("Decode:", f"one request alone runs a torch.compile'd step: {when}")
         summed = f", {info.kv_cache_bytes / (1 << 30):.2f} GiB over {info.tensor_parallel_size} ranks" \
             if info.tensor_parallel_size > 1 else ""
-        row("KV cache:", f"{capacity.kv_tokens} tokens ({capacity.kv_blocks} blocks of {capacity.block_size}"
-                         f"{summed}): {capacity.full_context_requests} requests at the full context")
+        row("KV cache:", f"{capacity.kv_tokens} tokens in {info.kv_cache_dtype} ({capacity.kv_blocks} blocks of "
+                         f"{capacity.block_size}{summed}): {capacity.full_context_requests} requests at the full "
+                         "context")
         row("Sequences:", f"up to {capacity.max_num_seqs} at once (--max-num-seqs)")
         if info.max_step_time_s > 0:
             row("Steps:", f"about {info.max_step_time_s:g} s at most, so a new request soon joins; decodes take "

@@ -70,7 +70,7 @@ def test_the_block_tells_where_to_go_and_what_is_served() -> None:
                                     "(about a minute the first time, seconds once cached)"]
         tokens, blocks, size = health["kv_capacity_tokens"], health["kv_blocks_total"], health["kv_block_size"]
         assert tokens == blocks * size and tokens > 0
-        assert block["KV cache:"] == [f"{tokens} tokens ({blocks} blocks of {size}): "
+        assert block["KV cache:"] == [f"{tokens} tokens in float16 ({blocks} blocks of {size}): "  # packed: fp16
                                       f"{tokens // 1024} requests at the full context"]
         assert block["Sequences:"] == ["up to 6 at once (--max-num-seqs)"] and health["max_num_seqs"] == 6
         assert block["Steps:"] == ["about 0.25 s at most, so a new request soon joins; decodes take turns beyond it "

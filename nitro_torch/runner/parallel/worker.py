@@ -55,7 +55,7 @@ def run_worker(bootstrap: WorkerBootstrap) -> None:
     from nitro_torch.models.loader import load_model
     from nitro_torch.runner.attention import register_paged_attention, set_attention_backend
     from nitro_torch.runner.embedder import Embedder
-    from nitro_torch.runner.memory import build_kv_cache
+    from nitro_torch.runner.memory import build_kv_cache, kv_cache_dtype
     from nitro_torch.runner.model_runner import ModelRunner
 
     config = bootstrap.config
@@ -66,7 +66,8 @@ def run_worker(bootstrap: WorkerBootstrap) -> None:
     group.join(store, bootstrap.cpu_threads)
     set_attention_backend(config.runner.attention_backend)
     loaded = load_model(config.model, attn_implementation=register_paged_attention())
-    kv_cache = build_kv_cache(loaded.model, loaded.device, loaded.dtype, loaded.max_model_len, config, ranks=group)
+    kv_dtype = kv_cache_dtype(config.cache.kv_cache_dtype, loaded.dtype, loaded.device, packed_weights=False)
+    kv_cache = build_kv_cache(loaded.model, loaded.device, kv_dtype, loaded.max_model_len, config, ranks=group)
     runner = ModelRunner(loaded.model, kv_cache, loaded.device)
     group.gather(rank_report(group.rank, loaded.model, kv_cache))
     embedder: Embedder | None = None
