@@ -40,6 +40,7 @@ _SCALES = (1.0, 1.0, 1e-2, 1e-4, 1e-6)
 """Features scaled to similar magnitudes, so that the normal equations stay well conditioned."""
 _RIDGE = 1e-9
 _SIZE = len(_SCALES)
+_NUM_TERMS = _SIZE * _SIZE + _SIZE
 
 
 def max_step_time_s(configured: float | None, device_type: str) -> float:
@@ -120,13 +121,13 @@ class StepTimeModel:
     """Seconds per step as a non-negative linear function of `StepLoad.features`, refit as steps are observed.
 
     The normal equations' sums are kept up to date as observations come and go, so a fit is a 5x5 solve; it runs
-    when a prediction is asked for after `REFIT_AFTER_S` of newly observed steps (or before any fit)."""
+    when a prediction is asked for after `REFIT_AFTER_S` of newly observed steps (or before any fit). Each kept
+    observation holds its own terms of those sums (`_terms`), made once, so coming and going is one flat add."""
 
     def __init__(self) -> None:
-        self._kinds: OrderedDict[tuple[bool, int, int], deque[tuple[tuple[float, ...], float]]] = OrderedDict()
+        self._kinds: OrderedDict[tuple[bool, int, int], deque[tuple[float, ...]]] = OrderedDict()
         self._observed = 0
-        self._gram = [[0.0] * _SIZE for _ in range(_SIZE)]
-        self._moments = [0.0] * _SIZE
+        self._sums = [0.0] * _NUM_TERMS
         self._cost: StepCost | None = None
         self._seconds_since_fit = 0.0
 
@@ -142,14 +143,16 @@ class StepTimeModel:
         if kept is None:
             if len(self._kinds) >= MAX_KINDS:
                 for old in self._kinds.popitem(last=False)[1]:
-                    self._account(old, -1.0)
+                    self._sums = [total - term for total, term in zip(self._sums, old)]
             kept = self._kinds[kind] = deque()
         self._kinds.move_to_end(kind)
+        terms = _terms(load.features(), seconds)
         if len(kept) == PER_KIND:
-            self._account(kept.popleft(), -1.0)
-        observation = (load.features(), seconds)
-        kept.append(observation)
-        self._account(observation, 1.0)
+            old = kept.popleft()
+            self._sums = [total - gone + new for total, gone, new in zip(self._sums, old, terms)]
+        else:
+            self._sums = [total + new for total, new in zip(self._sums, terms)]
+        kept.append(terms)
         self._observed += 1
         self._seconds_since_fit += seconds
         if self._observed % REBUILD_EVERY == 0:
@@ -157,19 +160,8 @@ class StepTimeModel:
 
     def _rebuild(self) -> None:
         """The sums afresh from what is kept (subtracting what left them accumulates rounding)."""
-        self._gram = [[0.0] * _SIZE for _ in range(_SIZE)]
-        self._moments = [0.0] * _SIZE
-        for kept in self._kinds.values():
-            for observation in kept:
-                self._account(observation, 1.0)
-
-    def _account(self, observation: tuple[tuple[float, ...], float], sign: float) -> None:
-        features, seconds = observation
-        for a in range(_SIZE):
-            self._moments[a] += sign * features[a] * seconds
-            row, weight = self._gram[a], sign * features[a]
-            for b in range(_SIZE):
-                row[b] += weight * features[b]
+        kept_terms = [terms for kept in self._kinds.values() for terms in kept]
+        self._sums = [sum(column) for column in zip(*kept_terms)] if kept_terms else [0.0] * _NUM_TERMS
 
     def cost(self) -> StepCost:
         """The current fit (refit first when enough has been observed since the last one)."""
@@ -188,8 +180,9 @@ class StepTimeModel:
         active = list(range(_SIZE))
         coefficients = [0.0] * _SIZE
         while active:
-            matrix = [[self._gram[a][b] + (_RIDGE if a == b else 0.0) for b in active] for a in active]
-            solution = _solve(matrix, [self._moments[a] for a in active])
+            sums = self._sums
+            matrix = [[sums[a * _SIZE + b] + (_RIDGE if a == b else 0.0) for b in active] for a in active]
+            solution = _solve(matrix, [sums[_SIZE * _SIZE + a] for a in active])
             worst = min(range(len(active)), key=lambda i: solution[i])
             if solution[worst] >= 0:
                 for i, value in zip(active, solution):
@@ -197,6 +190,11 @@ class StepTimeModel:
                 break
             del active[worst]
         return coefficients
+
+
+def _terms(features: tuple[float, ...], seconds: float) -> tuple[float, ...]:
+    """One observation's terms of the normal equations' sums: x x^T (row by row), then x * seconds."""
+    return tuple([a * b for a in features for b in features] + [a * seconds for a in features])
 
 
 def _solve(matrix: list[list[float]], vector: list[float]) -> list[float]:
