@@ -5,8 +5,7 @@ order; a prompt longer than the remaining budget is prefilled in chunks over sev
 pool runs dry the most recently admitted running request is preempted: its blocks are freed and it goes
 back to the front of the queue to be recomputed (its cached full blocks usually make that cheap).
 
-What the runner gets is plain data (`StepPlan.for_runner`, a SchedulerOutput): a request in full the first time
-it is scheduled (again after a preemption), then only the blocks it gained; requests that left, once.
+What the runner gets is plain data (`StepPlan.for_runner`, made by engine/runner_view.py).
 
 With `fair_share`, while several clients have work, each step is shared between them (engine/fair_share.py): no
 client gets more of a step than the busiest other client asks for, and on a CPU a client well behind the others in
@@ -30,9 +29,9 @@ from nitro_torch.engine.block_manager import BlockManager, PrefixHit
 from nitro_torch.engine.fair_share import ClientTracker, StepShares, tokens_wanted, work_per_client
 from nitro_torch.engine.outputs import FinishReason
 from nitro_torch.engine.request import Request, RequestStatus
+from nitro_torch.engine.runner_view import RunnerView
 from nitro_torch.engine.step_plan import ScheduledRequest, StepPlan
 from nitro_torch.engine.step_time import MIN_PREFILL_TOKENS, StepLoad, StepTimeLimit, StepTimeModel
-from nitro_torch.runner.scheduler_output import NewRequest, SchedulerOutput
 
 __all__ = ["ScheduledRequest", "Scheduler", "SchedulerStats", "StepPlan"]
 
@@ -64,8 +63,7 @@ class Scheduler:
         self.forks_waiting: dict[str, list[Request]] = {}
         """Parent request id -> forks that wait for the parent's prompt to be computed."""
         self.stats = SchedulerStats()
-        self._left_runner: list[str] = []
-        """Requests the runner holds that ended or were preempted since the last step: it drops them."""
+        self.runner_view = RunnerView()
 
     def add(self, request: Request) -> None:
         if self.block_manager.blocks_needed(request.max_total_tokens) > self.block_manager.num_blocks:
@@ -127,7 +125,7 @@ class Scheduler:
             self._fill(plan, self._step_shares(least_served_first=False), limit)
         if plan.scheduled:  # the runner runs no empty step: copies and leavers wait for the next one
             plan.block_copies, self.block_manager.pending_copies = self.block_manager.pending_copies, []
-            plan.for_runner = self._runner_view(plan)
+            plan.for_runner = self.runner_view.step(plan)
         self.stats.num_steps += 1
         return plan
 
@@ -184,28 +182,6 @@ class Scheduler:
             return decodes, None
         served = attrgetter("last_served")  # not all may fit: each least recently served first
         return sorted(decodes, key=served) + sorted(others, key=served), limit
-
-    def _runner_view(self, plan: StepPlan) -> SchedulerOutput:
-        step = SchedulerOutput(finished_request_ids=self._left_runner, block_copies=plan.block_copies)
-        self._left_runner = []
-        counts = step.num_scheduled_tokens
-        for item in plan.scheduled:
-            request = item.request
-            counts[request.request_id] = item.num_tokens
-            known, num_blocks = request.num_blocks_in_runner, len(request.block_ids)
-            if known is None:
-                step.new_requests.append(NewRequest(
-                    request.request_id, request.all_token_ids, request.num_prompt_tokens, request.params,
-                    request.eos_token_ids, list(request.block_ids), request.num_computed_tokens))
-            elif num_blocks > known:
-                step.new_block_ids[request.request_id] = request.block_ids[known:]
-            request.num_blocks_in_runner = num_blocks
-        return step
-
-    def _leave_runner(self, request: Request) -> None:
-        if request.num_blocks_in_runner is not None:
-            self._left_runner.append(request.request_id)
-            request.num_blocks_in_runner = None
 
     def _step_shares(self, least_served_first: bool = True) -> StepShares | None:
         """This step's fair shares, or None while at most one client has work (the whole step is its). Where a
@@ -340,7 +316,7 @@ class Scheduler:
     def _preempt(self, request: Request, plan: StepPlan) -> None:
         self.running.remove(request)
         self.block_manager.free(request)
-        self._leave_runner(request)
+        self.runner_view.leave(request)
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.stats.num_preemptions += 1
@@ -412,7 +388,7 @@ class Scheduler:
         if request.request_id in self.forks_waiting:
             self._release_forks(request)
         self.block_manager.free(request)
-        self._leave_runner(request)
+        self.runner_view.leave(request)
         self.clients.remove(request.client)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
