@@ -11,10 +11,11 @@ import torch
 from nitro_torch.config import build_config
 from nitro_torch.engine.engine import LLMEngine
 from nitro_torch.models.loader import load_model
-from nitro_torch.runner.attention import register_paged_attention
+from nitro_torch.runner.attention import register_paged_attention, set_attention_backend
 from nitro_torch.runner.memory import kv_cache_dtype
 from nitro_torch.sampling import SamplingParams
 from tests.runner.test_architectures import PROMPTS
+from tests.runner.test_cuda_graphs import run_in_lockstep
 from tests.runner.test_lean_decoder import packed_engine
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -86,3 +87,18 @@ def test_a_bfloat16_cache_serves_a_float32_model(smol_tokenizer) -> None:
     assert engine.core.kv_cache.values[0].dtype == torch.bfloat16
     outputs = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     assert [len(tokens) for tokens in outputs] == [8] * len(PROMPTS)
+
+
+def test_the_triton_kernels_attend_over_a_float16_cache_as_torch_does(tiny_model_dir: str) -> None:
+    """A float32 model over a float16 cache: queries and fresh K/V go to the kernels in the cache's dtype (Triton's
+    interpreter on CPU), and their logits agree with the torch path's at every step."""
+    config = build_config({"model": tiny_model_dir, "device": "cpu", "max_num_seqs": 8, "max_num_batched_tokens": 32,
+                           "num_kv_blocks": 64, "kv_cache_dtype": "float16"}, env={})
+    engine = LLMEngine(load_model(config.model, attn_implementation=register_paged_attention()), config)
+    assert engine.core.kv_cache.keys[0].dtype == torch.float16
+    try:
+        steps = run_in_lockstep(engine, {"torch": lambda: set_attention_backend("torch"),
+                                         "triton": lambda: set_attention_backend("triton")}, max_tokens=3)
+    finally:
+        set_attention_backend("auto")
+    assert steps >= 4
