@@ -179,8 +179,8 @@ class StepTimeModel:
         rest refit, until all are non-negative."""
         active = list(range(_SIZE))
         coefficients = [0.0] * _SIZE
+        sums = self._sums
         while active:
-            sums = self._sums
             matrix = [[sums[a * _SIZE + b] + (_RIDGE if a == b else 0.0) for b in active] for a in active]
             solution = _solve(matrix, [sums[_SIZE * _SIZE + a] for a in active])
             worst = min(range(len(active)), key=lambda i: solution[i])

@@ -58,7 +58,8 @@ def logprob_trails(engine: LLMEngine, prompts: list[list[int]], max_tokens: int)
 def test_a_float16_cache_attends_as_the_float32_cache_does(embedded_packed) -> None:
     # Prompts in chunks; no step time limit, so both engines batch alike (packed weights' bf16 rounding of the
     # activations depends on the batch).
-    options = {"device": "cpu", "cpu_decode_compile": "off", "max_num_batched_tokens": 64, "max_step_time": 0}
+    options = {"device": "cpu", "cpu_decode_compile": "off", "max_num_batched_tokens": 64, "max_step_time": 0,
+               "num_kv_blocks": 64}  # not the 1 GiB default per engine
     half = LLMEngine(embedded_packed, build_config(options, env={}))
     full = LLMEngine(embedded_packed, build_config({**options, "kv_cache_dtype": "float32"}, env={}))
     assert half.core.kv_cache.keys[0].dtype == torch.float16 and half.info.kv_cache_dtype == "float16"
