@@ -28,6 +28,7 @@ from nitro_torch.config import ConfigError
 from nitro_torch.models.gguf_index import read_gguf_index
 from nitro_torch.models.gguf_quants import Int4Groups, int4_parts
 from nitro_torch.models.packed_linear import Int4Linear, Int8Linear, int4_packable, quantize_int4
+from nitro_torch.models.tied_head import FLOAT_MIN_ROWS, tied_embedding_of, tied_packed_head
 
 logger = logging.getLogger("nitro_torch.models")
 
@@ -57,9 +58,11 @@ def pack_cpu_weights(model: PreTrainedModel, mode: str, device: torch.device, gg
                           "--quantization none")
     if device.type != "cpu" or quantization != "none" or mode == "fp32" or (mode == "auto" and gguf_path is None):
         return FP32
+    tied_embedding = tied_embedding_of(model)
     if mode == "int8":
         count = _swap_all(model, lambda linear: Int8Linear(linear.weight, linear.bias))
-        return PackedWeights("int8", f"int8 per channel, quantized at load ({count} layers)")
+        return PackedWeights("int8", f"int8 per channel, quantized at load ({count} layers"
+                            f"{_batched_head(model, tied_embedding)})")
     blocks = _gguf_blocks(model, gguf_path) if gguf_path is not None else {}
     kinds: Counter[str] = Counter()
     for name, linear in _linear_layers(model):
@@ -77,7 +80,16 @@ def pack_cpu_weights(model: PreTrainedModel, mode: str, device: torch.device, gg
     if not kinds:
         return FP32
     return PackedWeights("int4", "int4 groups of 32 (" + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
-                         + " layers; bf16 activations)")
+                         + f" layers; bf16 activations{_batched_head(model, tied_embedding)})")
+
+
+def _batched_head(model: nn.Module, tied_embedding: nn.Embedding | None) -> str:
+    """Put the tied head on its float32 weight for batches (tied_head.py); what the start-up block says of it."""
+    head = tied_packed_head(model, tied_embedding)
+    if head is None:
+        return ""
+    _replace(model, "lm_head", head)
+    return f"; the tied LM head in float32 from {FLOAT_MIN_ROWS} rows"
 
 
 def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:

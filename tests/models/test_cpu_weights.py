@@ -107,7 +107,8 @@ def test_embedded_model_runs_its_own_gguf_blocks() -> None:
     assert linears and all(isinstance(m, Int4Linear) for m in linears)
     assert loaded.cpu_weights.mode == "int4" and not loaded.cpu_weights.exact
     assert "210 GGUF Q4_1" in loaded.cpu_weights.description and "1 GGUF Q8_0" in loaded.cpu_weights.description
-    assert isinstance(loaded.model.lm_head, Int4Linear) and loaded.model.lm_head.num_parts == 2  # Q8_0: 2 x 4 bits
+    head = loaded.model.lm_head.packed  # tied: on its float32 embedding for batches (test_tied_head.py)
+    assert isinstance(head, Int4Linear) and head.num_parts == 2  # Q8_0: 2 x 4 bits
     engine = LLMEngine(loaded, build_config({"device": "cpu", "cpu_decode_compile": "off"}, env={}))
     prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                                   add_generation_prompt=True, tokenize=True, return_dict=False)
