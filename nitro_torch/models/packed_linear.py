@@ -113,6 +113,8 @@ class Int8Linear(nn.Module):
 
     min_unpacked_rows: ClassVar[int] = UNPACKED_MIN_ROWS
     """As Int4Linear's: from this many rows the weight is converted to float32 for the step."""
+    weight_int8: torch.Tensor
+    scale: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()

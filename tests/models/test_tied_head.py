@@ -18,7 +18,7 @@ from nitro_torch.models.lean_decoder import LeanDecoder
 from nitro_torch.models.packed_linear import Int4Linear, Int8Linear
 from nitro_torch.models.tied_head import FLOAT_MIN_ROWS, TiedPackedHead
 from nitro_torch.runner.attention import register_paged_attention
-from tests.runner.test_kv_cache_dtype import embedded_packed, logprob_trails  # noqa: F401  (a fixture)
+from tests.runner.test_kv_cache_dtype import embedded_packed, logprob_differences, logprob_trails  # noqa: F401
 
 CPU = torch.device("cpu")
 
@@ -75,14 +75,8 @@ def test_a_batch_decodes_as_its_requests_do_alone(embedded_packed) -> None:  # n
                                              add_generation_prompt=True, tokenize=True, return_dict=False)
                for n in range(2, 2 + FLOAT_MIN_ROWS + 4)]
     together = logprob_trails(engine, prompts, 10)
-    differences, confident = [], 0
-    for prompt, got in zip(prompts, together):
-        [want] = logprob_trails(engine, [prompt], 10)
-        for (token, logprob), (want_token, want_logprob) in zip(got, want):
-            differences.append(abs(logprob - want_logprob))
-            confident += want_logprob > -0.5
-            if token != want_token:
-                break
+    alone = [logprob_trails(engine, [prompt], 10)[0] for prompt in prompts]
+    differences, confident = logprob_differences(together, alone)
     assert len(differences) >= 100 and confident >= 50
     assert max(differences) < 0.25 and statistics.median(differences) < 0.03
     assert engine.stats().kv_blocks_used == 0

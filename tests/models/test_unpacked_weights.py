@@ -16,7 +16,7 @@ from nitro_torch.models.gguf_quants import Int4Groups, int4_parts
 from nitro_torch.models.int4_dequant import dequantize_transposed, layout_is_known
 from nitro_torch.models.packed_linear import UNPACKED_MIN_ROWS, Int4Linear, Int8Linear, quantize_int4
 from tests.models.test_cpu_weights import random_blocks
-from tests.runner.test_kv_cache_dtype import embedded_packed, logprob_trails  # noqa: F401  (a fixture)
+from tests.runner.test_kv_cache_dtype import embedded_packed, logprob_differences, logprob_trails  # noqa: F401
 
 
 def _kernel_weight(parts: list[Int4Groups]) -> torch.Tensor:
@@ -91,13 +91,8 @@ def test_a_prompt_in_one_chunk_scores_as_in_small_chunks(embedded_packed) -> Non
     options = {"device": "cpu", "cpu_decode_compile": "off", "max_step_time": 0, "num_kv_blocks": 128}
     whole = LLMEngine(embedded_packed, build_config({**options, "max_num_batched_tokens": 1024}, env={}))
     chunked = LLMEngine(embedded_packed, build_config({**options, "max_num_batched_tokens": 64}, env={}))
-    differences, confident = [], 0
-    for prompt in prompts:
-        [got], [want] = logprob_trails(whole, [prompt], 8), logprob_trails(chunked, [prompt], 8)
-        for (token, logprob), (want_token, want_logprob) in zip(got, want):
-            differences.append(abs(logprob - want_logprob))
-            confident += want_logprob > -0.5
-            if token != want_token:
-                break
+    in_one_step = [logprob_trails(whole, [prompt], 8)[0] for prompt in prompts]
+    in_chunks = [logprob_trails(chunked, [prompt], 8)[0] for prompt in prompts]
+    differences, confident = logprob_differences(in_one_step, in_chunks)
     assert len(differences) >= 16 and confident >= 8
     assert max(differences) < 0.25 and statistics.median(differences) < 0.05

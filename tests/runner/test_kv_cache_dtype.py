@@ -55,6 +55,21 @@ def logprob_trails(engine: LLMEngine, prompts: list[list[int]], max_tokens: int)
     return list(trails.values())
 
 
+def logprob_differences(got: list[list[tuple[int, float]]], want: list[list[tuple[int, float]]]
+                        ) -> tuple[list[float], int]:
+    """|logprob - wanted| at each position of each trail up to its first differing token (a near tie broken the
+    other way: later positions see other contexts), and how many wanted logprobs were confident (> -0.5)."""
+    differences, confident = [], 0
+    for got_trail, want_trail in zip(got, want, strict=True):
+        assert len(got_trail) == len(want_trail)
+        for (token, logprob), (want_token, want_logprob) in zip(got_trail, want_trail):
+            differences.append(abs(logprob - want_logprob))
+            confident += want_logprob > -0.5
+            if token != want_token:
+                break
+    return differences, confident
+
+
 def test_a_float16_cache_attends_as_the_float32_cache_does(embedded_packed) -> None:
     # Prompts in chunks; no step time limit, so both engines batch alike (packed weights' bf16 rounding of the
     # activations depends on the batch).
@@ -68,14 +83,9 @@ def test_a_float16_cache_attends_as_the_float32_cache_does(embedded_packed) -> N
     tokenizer = embedded_packed.tokenizer
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                              tokenize=True, return_dict=False) for q in QUESTIONS]
-    differences, confident = [], 0
-    for got, want in zip(logprob_trails(half, prompts, 16), logprob_trails(full, prompts, 16)):
-        assert len(got) == len(want) == 16
-        for (token, logprob), (want_token, want_logprob) in zip(got, want):
-            differences.append(abs(logprob - want_logprob))
-            confident += want_logprob > -0.5
-            if token != want_token:  # a near tie broken the other way: later positions see other contexts
-                break
+    got, want = logprob_trails(half, prompts, 16), logprob_trails(full, prompts, 16)
+    assert [len(trail) for trail in got] == [16] * len(prompts)
+    differences, confident = logprob_differences(got, want)
     # float16 K/V perturb the bf16-rounded activations after them: logprobs move by ~0.01 (at most 0.1 seen); a
     # wrong attention moves them by whole units.
     assert len(differences) >= 40 and confident >= 20
