@@ -65,8 +65,9 @@ def test_only_a_head_tied_to_a_float32_embedding_is_replaced(mode: str) -> None:
 
 
 def test_a_batch_decodes_as_its_requests_do_alone(embedded_packed) -> None:  # noqa: F811
-    """20 requests decoding together run the float32 head; each alone runs the packed one. Their greedy logprobs
-    agree up to the packed path's rounding (a wrong float head, transposed or a block off, moves them by units)."""
+    """20 requests decoding together run the float32 head (and their prompts, prefilled in one step, the unpacked
+    layers); each alone runs the packed head. Their greedy logprobs agree up to the packed path's rounding (a wrong
+    float head, transposed or a block off, moves them by units)."""
     engine = LLMEngine(embedded_packed, build_config({"device": "cpu", "cpu_decode_compile": "off",
                                                       "max_step_time": 0, "num_kv_blocks": 256}, env={}))
     assert isinstance(engine.runner.forward, LeanDecoder)
