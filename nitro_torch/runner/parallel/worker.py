@@ -66,7 +66,8 @@ def run_worker(bootstrap: WorkerBootstrap) -> None:
     group.join(store, bootstrap.cpu_threads)
     set_attention_backend(config.runner.attention_backend)
     loaded = load_model(config.model, attn_implementation=register_paged_attention())
-    kv_dtype = kv_cache_dtype(config.cache.kv_cache_dtype, loaded.dtype, loaded.device, packed_weights=False)
+    kv_dtype = kv_cache_dtype(config.cache.kv_cache_dtype, loaded.dtype, loaded.device,
+                              packed_weights=not loaded.cpu_weights.exact)  # as rank 0 decides it
     kv_cache = build_kv_cache(loaded.model, loaded.device, kv_dtype, loaded.max_model_len, config, ranks=group)
     runner = ModelRunner(loaded.model, kv_cache, loaded.device)
     group.gather(rank_report(group.rank, loaded.model, kv_cache))
