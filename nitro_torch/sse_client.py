@@ -43,7 +43,7 @@ class Server:
         cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
         return cls(self.netloc, timeout=CONNECT_TIMEOUT_S)
 
-    def _send(self, method: str, path: str, body: dict[str, Any] | None
+    def _send(self, method: str, path: str, body: dict[str, Any] | None, under_v1: bool = True
               ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         headers = {"Accept": "application/json, text/event-stream"}
         if self.api_key:
@@ -56,7 +56,8 @@ class Server:
         try:
             conn.connect()
             conn.sock.settimeout(self.read_timeout_s)
-            conn.request(method, self.prefix + path, body=data, headers=headers)
+            conn.request(method, (self.prefix if under_v1 else self.prefix[: -len("/v1")]) + path, body=data,
+                         headers=headers)
             response = conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
@@ -71,12 +72,14 @@ class Server:
                 conn.close()
         return conn, response
 
-    def get_json(self, path: str) -> Any:
-        conn, response = self._send("GET", path, None)
+    def get_json(self, path: str, under_v1: bool = True) -> Any:
+        """GET `path` under /v1 (or, with `under_v1` False, under the server's root: /health)."""
+        conn, response = self._send("GET", path, None, under_v1)
         try:
             return json.loads(response.read())
         except (OSError, http.client.HTTPException, ValueError) as exc:
-            raise ServerError(f"bad answer from {self.base_url}/v1{path}: {_reason(exc)}") from None
+            where = f"{self.base_url}{'/v1' if under_v1 else ''}{path}"
+            raise ServerError(f"bad answer from {where}: {_reason(exc)}") from None
         finally:
             conn.close()
 

@@ -340,7 +340,7 @@ class EngineCore:
             num_running=len(sched.running), num_waiting=sched.num_waiting, kv_blocks_total=bm.num_blocks,
             kv_blocks_used=bm.num_used_blocks, prefix_cache_query_tokens=bm.stats.prefix_query_tokens,
             prefix_cache_hit_tokens=bm.stats.prefix_hit_tokens, num_preemptions=sched.stats.num_preemptions,
-            num_steps=sched.stats.num_steps,
+            num_steps=sched.stats.num_steps, decode_compiling=self.row_decode is not None and self.row_decode.compiling,
         )
 
     # embeddings -----------------------------------------------------------------------------------

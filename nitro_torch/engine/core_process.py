@@ -74,6 +74,9 @@ def run_core_process(config: Config, conn: Connection, cpu_threads: int | None) 
 
 
 _CHANNEL_CLOSED = (EOFError, BrokenPipeError, ConnectionResetError)
+COMPILE_POLL_S = 0.5
+"""While idle with a background compilation running, the loop looks this often whether it ended, so that the
+client's stats (/health's `decode_compiling`) turn false without waiting for a request."""
 """What reading or writing the pipe raises once the server's end is gone."""
 
 
@@ -92,8 +95,8 @@ class _Channel:
     def receive(self) -> Any:
         return decode_input(self.conn.recv_bytes())
 
-    def ready(self) -> bool:
-        return self.conn.poll(0)
+    def ready(self, timeout: float = 0.0) -> bool:
+        return self.conn.poll(timeout)
 
 
 class CoreLoop:
@@ -104,6 +107,8 @@ class CoreLoop:
         self.pending: list[CoreOutput] = []
         self.dirty = False
         """Commands changed the core since the last message (the client's stats are stale)."""
+        self.compiling = core.stats().decode_compiling
+        """What the client last heard of the background compilation."""
         self.grammars = ThreadPoolExecutor(1, thread_name_prefix="nitro-grammar")
         """Grammars compile here, off the loop: a slow schema never stalls the steps."""
 
@@ -131,6 +136,11 @@ class CoreLoop:
     def _apply_inputs(self, block: bool) -> bool:
         """Apply every waiting message (waiting for one when idle); False on Shutdown."""
         while block or self.channel.ready():
+            if block and self.compiling and not self.channel.ready(COMPILE_POLL_S):
+                if not self.core.stats().decode_compiling:
+                    self.compiling, self.dirty = False, True  # the client hears it with the next message
+                    return True
+                continue
             message = self.channel.receive()
             block = False
             self.dirty = True

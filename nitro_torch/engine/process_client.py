@@ -134,7 +134,8 @@ class ProcessEngineClient:
         self._process = process
         self._conn = conn
         self._send_lock = threading.Lock()
-        self._stats = EngineStats(kv_blocks_total=info.kv_blocks_total)
+        self._stats = EngineStats(kv_blocks_total=info.kv_blocks_total,
+                                  decode_compiling=info.row_decode_compile == "background")
         self._num_received = 0
         self._call_ids = itertools.count()
         self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}

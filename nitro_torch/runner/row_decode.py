@@ -104,6 +104,11 @@ class RowDecode:
             self._thread = threading.Thread(target=self._compile, name="nitro-row-decode-compile", daemon=True)
             self._thread.start()
 
+    @property
+    def compiling(self) -> bool:
+        """A background compilation is still running (a lone request decodes eagerly meanwhile)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def wait(self, timeout: float | None = None) -> bool:
         """Until a background compilation ended; whether the compiled step is in use."""
         if self._thread is not None:

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import httpx
 
+from nitro_torch.bench.http_system import wait_for_decode_compile
 from nitro_torch.server.startup import WILDCARD_HOSTS, lan_ipv4_addresses, served_urls
+from nitro_torch.sse_client import Server
 from tests.server.conftest import server_process
 
 BLOCK_START = "is ready."
@@ -76,6 +78,13 @@ def test_the_block_tells_where_to_go_and_what_is_served() -> None:
         assert block["Steps:"] == ["about 0.25 s at most, so a new request soon joins; decodes take turns beyond it "
                                    "(--max-step-time)"]
         assert block["API key:"][0].startswith("not required")
+
+        compiling = health["decode_compiling"]
+        assert isinstance(compiling, bool)
+        # the core process tells the API when the background compile ends, without a request to carry it
+        waited = wait_for_decode_compile(Server(base_url), timeout_s=300)
+        assert httpx.get(base_url + "/health", timeout=10).json()["decode_compiling"] is False
+        assert waited > 0 or not compiling
 
         log = log_path.read_text(errors="replace")
         assert "Loading weights: 100%" in log  # loading's bar (transformers')
