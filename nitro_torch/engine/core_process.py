@@ -74,10 +74,10 @@ def run_core_process(config: Config, conn: Connection, cpu_threads: int | None) 
 
 
 _CHANNEL_CLOSED = (EOFError, BrokenPipeError, ConnectionResetError)
+"""What reading or writing the pipe raises once the server's end is gone."""
 COMPILE_POLL_S = 0.5
 """While idle with a background compilation running, the loop looks this often whether it ended, so that the
 client's stats (/health's `decode_compiling`) turn false without waiting for a request."""
-"""What reading or writing the pipe raises once the server's end is gone."""
 
 
 class _Channel:
@@ -107,8 +107,8 @@ class CoreLoop:
         self.pending: list[CoreOutput] = []
         self.dirty = False
         """Commands changed the core since the last message (the client's stats are stale)."""
-        self.compiling = core.stats().decode_compiling
-        """What the client last heard of the background compilation."""
+        self.compiling = core.info.row_decode_compile == "background"
+        """What the client believes of the background compilation (until told, what it assumed from CoreReady)."""
         self.grammars = ThreadPoolExecutor(1, thread_name_prefix="nitro-grammar")
         """Grammars compile here, off the loop: a slow schema never stalls the steps."""
 
