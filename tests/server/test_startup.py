@@ -79,12 +79,11 @@ def test_the_block_tells_where_to_go_and_what_is_served() -> None:
                                    "(--max-step-time)"]
         assert block["API key:"][0].startswith("not required")
 
-        compiling = health["decode_compiling"]
-        assert isinstance(compiling, bool)
-        # the core process tells the API when the background compile ends, without a request to carry it
-        waited = wait_for_decode_compile(Server(base_url), timeout_s=300)
+        assert isinstance(health["decode_compiling"], bool)
+        # the core process tells the API when the background compile ends, without a request to carry it (if it
+        # did not, /health would say true until the wait gives up)
+        wait_for_decode_compile(Server(base_url), timeout_s=300)
         assert httpx.get(base_url + "/health", timeout=10).json()["decode_compiling"] is False
-        assert waited > 0 or not compiling
 
         log = log_path.read_text(errors="replace")
         assert "Loading weights: 100%" in log  # loading's bar (transformers')
