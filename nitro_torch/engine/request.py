@@ -80,6 +80,19 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
+    def stop_reason(self, token: int) -> FinishReason | None:
+        """Whether `token`, just appended, ends the request by a token-level rule (EOS, stop token ids, its length);
+        stop strings are the client's (they need text)."""
+        params = self.params
+        if self.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token in self.eos_token_ids:
+                return FinishReason.STOP
+            if token in params.stop_token_ids:
+                return FinishReason.STOP
+        if self.num_tokens >= self.max_total_tokens:
+            return FinishReason.LENGTH
+        return None
+
     def token_at(self, index: int) -> int:
         n = len(self.prompt_token_ids)
         return self.prompt_token_ids[index] if index < n else self.output_token_ids[index - n]

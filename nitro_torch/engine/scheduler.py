@@ -365,7 +365,7 @@ class Scheduler:
             if token is None:
                 continue
             request.output_token_ids.append(token)
-            reason = self._stop_reason(request, token)
+            reason = request.stop_reason(token)
             if reason is not None:
                 self.finish(request, reason)
                 finished.append(request)
@@ -392,15 +392,3 @@ class Scheduler:
         self.clients.remove(request.client)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
-
-    @staticmethod
-    def _stop_reason(request: Request, token: int) -> FinishReason | None:
-        params = request.params
-        if request.num_output_tokens >= params.min_tokens:
-            if not params.ignore_eos and token in request.eos_token_ids:
-                return FinishReason.STOP
-            if token in params.stop_token_ids:
-                return FinishReason.STOP
-        if request.num_tokens >= request.max_total_tokens:
-            return FinishReason.LENGTH
-        return None
