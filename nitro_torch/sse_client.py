@@ -33,9 +33,11 @@ class Server:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url}")
         path = parts.path.rstrip("/")
-        self.prefix = (path[: -len("/v1")] if path.endswith("/v1") else path) + "/v1"
+        self.root = path[: -len("/v1")] if path.endswith("/v1") else path
+        """The server's root path (where /health is); the API is under `prefix`, root + /v1."""
+        self.prefix = self.root + "/v1"
         self.scheme, self.netloc = parts.scheme, parts.netloc
-        self.base_url = f"{parts.scheme}://{parts.netloc}{self.prefix[: -len('/v1')]}"
+        self.base_url = f"{parts.scheme}://{parts.netloc}{self.root}"
         self.api_key = api_key
         self.read_timeout_s = read_timeout_s
 
@@ -56,8 +58,7 @@ class Server:
         try:
             conn.connect()
             conn.sock.settimeout(self.read_timeout_s)
-            conn.request(method, (self.prefix if under_v1 else self.prefix[: -len("/v1")]) + path, body=data,
-                         headers=headers)
+            conn.request(method, (self.prefix if under_v1 else self.root) + path, body=data, headers=headers)
             response = conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
