@@ -66,7 +66,7 @@ class LeanDecoder:
         self.layers = [_lean_layer(layer) for layer in inner.layers[: config.num_hidden_layers]]
 
     def with_attention(self, attention_fn: AttentionFunction) -> LeanDecoder:
-        """The same forward and weights, attending through `attention_fn` (an opaque op for torch.compile)."""
+        """The same forward and weights, attending through `attention_fn` (one traced into the compiled step)."""
         other = copy.copy(self)
         other.attention_fn = attention_fn
         return other
@@ -76,13 +76,14 @@ class LeanDecoder:
                  **_: object) -> LeanOutput:
         return LeanOutput(self.logits(input_ids, position_ids, logits_to_keep)[None])
 
-    def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_to_keep: Any = 0) -> torch.Tensor:
-        """[rows, V] for input_ids and position_ids [1, T]."""
+    def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_to_keep: Any = 0,
+               **attention_inputs: Any) -> torch.Tensor:
+        """[rows, V] for input_ids and position_ids [1, T]; `attention_inputs` go to every call of the attention."""
         hidden = self.embed(input_ids[0])  # [T, hidden]
         rotary = _Rotary(*self.rotary(hidden[None], position_ids=position_ids))
         tokens = hidden.shape[0]
         for layer in self.layers:
-            hidden += self._attend(layer, layer.input_norm(hidden), rotary, tokens)
+            hidden += self._attend(layer, layer.input_norm(hidden), rotary, tokens, attention_inputs)
             gate, up = layer.gate_up(layer.post_attention_norm(hidden)).chunk(2, dim=-1)
             hidden += layer.down(layer.act(gate).mul_(up))
         if isinstance(logits_to_keep, torch.Tensor):
@@ -91,7 +92,8 @@ class LeanDecoder:
             hidden = hidden[-logits_to_keep:]
         return self.lm_head(self.norm(hidden))
 
-    def _attend(self, layer: LeanLayer, normed: torch.Tensor, rotary: _Rotary, tokens: int) -> torch.Tensor:
+    def _attend(self, layer: LeanLayer, normed: torch.Tensor, rotary: _Rotary, tokens: int,
+                attention_inputs: dict[str, Any]) -> torch.Tensor:
         qkv = layer.qkv(normed).view(tokens, -1, self.head_dim)
         num_q, num_k, _ = (size // self.head_dim for size in layer.qkv_sizes)
         if layer.q_norm is not None and layer.k_norm is not None:
@@ -103,7 +105,7 @@ class LeanDecoder:
         attention = layer.attention
         out, _ = self.attention_fn(
             attention, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], None,
-            scaling=attention.scaling, sliding_window=layer.sliding_window,
+            scaling=attention.scaling, sliding_window=layer.sliding_window, **attention_inputs,
         )
         return layer.o_proj(out.reshape(tokens, -1))
 

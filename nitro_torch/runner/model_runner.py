@@ -22,7 +22,7 @@ from nitro_torch.runner.kv_cache import KVCache
 from nitro_torch.runner.parallel.group import RankGroup
 from nitro_torch.runner.parallel.messages import RunStep
 from nitro_torch.runner.persistent_batch import PersistentBatch
-from nitro_torch.runner.row_decode import RowDecode, RowDecodeMode
+from nitro_torch.runner.row_decode import RowDecode, RowDecodeMode, key_slots
 from nitro_torch.runner.sampler import INVALID_TOKEN, SampledToken
 from nitro_torch.runner.scheduler_output import SchedulerOutput
 from nitro_torch.runner.sequence import SequenceState
@@ -223,8 +223,9 @@ class ModelRunner:
                 return None, []
             return logits.index_select(0, tensors["logits_rows"]), batch.sampling
         if self.row_decode is not None and self.row_decode.ready and batch.is_pure_decode and batch.num_decodes == 1:
-            with step_context(self.metadata(batch, tensors)):
-                row_logits = self.row_decode.logits(tensors["token_ids"], tensors["positions"])
+            context = key_slots(batch.decode_tables[0], int(batch.decode_context_lens[0]), batch.decode_first_block,
+                                self.block_size)
+            row_logits = self.row_decode.logits(tensors["token_ids"], tensors["positions"], tensors["slots"], context)
             if row_logits is not None:
                 return (row_logits, batch.sampling) if batch.sampling else (None, [])
         with step_context(self.metadata(batch, tensors)):

@@ -4,11 +4,13 @@ weights keep the eager forward; a background compilation serves eagerly until it
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from nitro_torch.engine.engine import LLMEngine
 from nitro_torch.runner.model_runner import ModelRunner
+from nitro_torch.runner.row_decode import key_slots
 from nitro_torch.sampling import SamplingParams
 from tests.runner.test_architectures import PROMPTS, tiny_model
 from tests.runner.test_lean_decoder import CPU, packed_engine
@@ -24,15 +26,17 @@ class StepComparison:
         self.runner = runner
         self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.compiled_steps = 0
+        self.scattered_steps = 0
+        """Compared steps whose request's blocks do not follow each other (its keys come through its block table)."""
         self._execute = runner.execute
         runner.execute = self.execute  # type: ignore[method-assign]
         assert runner.row_decode is not None
         self._logits = runner.row_decode.logits
         runner.row_decode.logits = self.count  # type: ignore[method-assign]
 
-    def count(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+    def count(self, *inputs: torch.Tensor) -> torch.Tensor | None:
         self.compiled_steps += 1
-        return self._logits(token_ids, positions)
+        return self._logits(*inputs)
 
     def execute(self, step, previous=None):  # noqa: ANN001, ANN201
         row_decode = self.runner.row_decode
@@ -44,7 +48,18 @@ class StepComparison:
         inputs = self.runner.last_inputs
         if served is not None and inputs is not None and inputs.is_pure_decode and inputs.num_decodes == 1:
             self.pairs.append((eager.clone(), served.clone()))
+            self.scattered_steps += inputs.decode_first_block is None
         return served, rows
+
+    def assert_close(self) -> None:
+        assert self.pairs
+        for eager, served in self.pairs:
+            assert served.shape == eager.shape
+            scale = eager.abs().max().item()
+            assert (served - eager).abs().max().item() <= 0.02 * scale + 1e-3
+            top2 = eager[0].topk(2).values
+            if (top2[0] - top2[1]).item() > 0.05 * scale:  # no near-tie: the same greedy token
+                assert served.argmax().item() == eager.argmax().item()
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen3"])  # plain; a sliding window of 12; q/k norms
@@ -57,13 +72,27 @@ def test_compiled_step_gives_the_eager_logits_up_to_bf16_rounding(model_type: st
         assert len(engine.generate([prompt], PARAMS)[0]) == PARAMS.max_tokens
     assert len(comparison.pairs) == len(PROMPTS) * (PARAMS.max_tokens - 1)  # every decode step, compiled
     assert comparison.compiled_steps == len(comparison.pairs)
-    for eager, served in comparison.pairs:
-        assert served.shape == eager.shape == (1, engine.runner.model.config.vocab_size)
-        scale = eager.abs().max().item()
-        assert (served - eager).abs().max().item() <= 0.02 * scale + 1e-3
-        top2 = eager[0].topk(2).values
-        if (top2[0] - top2[1]).item() > 0.05 * scale:  # no near-tie: the same greedy token
-            assert served.argmax().item() == eager.argmax().item()
+    assert comparison.pairs[0][1].shape == (1, engine.runner.model.config.vocab_size)
+    comparison.assert_close()
+
+
+def test_a_request_with_scattered_blocks_attends_through_its_block_table(smol_tokenizer) -> None:
+    """Two requests grow side by side, so each one's third block does not follow its second; the longer one then
+    decodes alone, compiled, and its keys come from the slots of its block table."""
+    engine = packed_engine("llama", "int4", smol_tokenizer, cpu_decode_compile="startup")
+    comparison = StepComparison(engine.runner)
+    lengths = [20, 30]  # blocks [0, 1, 4] and [2, 3, 5]
+    outputs = engine.generate([list(range(100, 120)), list(range(200, 218))],
+                              [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths])
+    assert [len(tokens) for tokens in outputs] == lengths
+    assert comparison.scattered_steps > 0 and comparison.compiled_steps == len(comparison.pairs)
+    comparison.assert_close()
+
+
+def test_key_slots_follow_the_block_table() -> None:
+    table = np.array([5, 2, 9, 0])  # past its own blocks a row holds 0: the padding
+    assert key_slots(table, 35, None, 16).tolist() == [*range(80, 96), *range(32, 48), 144, 145, 146]
+    assert key_slots(table, 35, 5, 16).tolist() == list(range(80, 115))  # blocks 5, 6, 7 follow each other
 
 
 def test_batches_and_prefills_keep_the_eager_forward(smol_tokenizer) -> None:
