@@ -76,6 +76,16 @@ def test_compiled_step_gives_the_eager_logits_up_to_bf16_rounding(model_type: st
     comparison.assert_close()
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["float32", "bfloat16"])  # the default for packed weights: float16
+def test_compiled_step_reads_and_writes_every_kv_cache_dtype(kv_cache_dtype: str, smol_tokenizer) -> None:
+    engine = packed_engine("llama", "int4", smol_tokenizer, cpu_decode_compile="startup", kv_cache_dtype=kv_cache_dtype)
+    assert engine.runner.kv_cache.layout.dtype == getattr(torch, kv_cache_dtype)
+    comparison = StepComparison(engine.runner)
+    assert len(engine.generate([PROMPTS[1]], PARAMS)[0]) == PARAMS.max_tokens
+    assert comparison.compiled_steps == len(comparison.pairs) == PARAMS.max_tokens - 1
+    comparison.assert_close()
+
+
 def test_a_request_with_scattered_blocks_attends_through_its_block_table(smol_tokenizer) -> None:
     """Two requests grow side by side, so each one's third block does not follow its second; the longer one then
     decodes alone, compiled, and its keys come from the slots of its block table."""
