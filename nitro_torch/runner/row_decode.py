@@ -7,7 +7,7 @@ slots a dynamic size, so one compilation serves every context length. As an opaq
 attention it cost ~180 us a layer on the embedded model (Python, a dozen small ops, the op boundary), 5 of a
 token's 16 ms at a 200-token context; traced, the step takes two thirds of that time.
 
-Compiling takes about a minute on two cores the first time and seconds once inductor's cache (kept beside the
+Compiling takes one to two minutes on two cores the first time and seconds once inductor's cache (kept beside the
 converted models) has it; `background` compiles in a thread while the engine serves eagerly, then swaps it in.
 """
 
