@@ -95,7 +95,7 @@ class EngineStats(msgspec.Struct):
     num_steps: int = 0
     decode_compiling: bool = False
     """The one-request decode step is still compiling in the background (--cpu-decode-compile background): a
-    request alone decodes eagerly, about a quarter slower, until it is done."""
+    request alone decodes eagerly, at about half the compiled step's tokens/s, until it is done."""
 
 
 class CoreOutputs(msgspec.Struct, tag="outputs"):
